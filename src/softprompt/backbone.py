@@ -1,0 +1,180 @@
+"""Backbone: tokenizer plus frozen pretrained model, from the offline zoo, a local folder, the hub, or a config."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from softprompt import zoo
+from softprompt.config import ModelConfig
+from softprompt.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+# a random model is always built from this seed, so a run and a later reload see the same weights
+RANDOM_MODEL_SEED = 0
+
+
+@dataclass
+class Backbone:
+    """What the rest of the pipeline needs to know about a frozen model."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    kind: str  # encoder | decoder | encoder_decoder
+    width: int
+    max_positions: int | None
+    num_params: int
+
+
+def resolve_source(name_or_path: str, key: str = "model.name_or_path") -> str:
+    """Turn a zoo name, folder or hub id into something `from_pretrained` takes, failing early and clearly."""
+    if name_or_path in zoo.ZOO:
+        return str(zoo.model_path(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or path.exists():
+        raise ConfigError(key, name_or_path, f"an existing model folder, a zoo name ({', '.join(sorted(zoo.ZOO))}) or a hub id")
+    return name_or_path
+
+
+def _hub_failure(key: str, name: str, error: Exception) -> UserError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return UserError(
+        f"{key}={name!r} could not be loaded: it is not a zoo name ({', '.join(sorted(zoo.ZOO))}) nor a local folder, "
+        f"and the hub did not provide it ({reason})"
+    )
+
+
+def infer_kind(config: PretrainedConfig) -> str:
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder_decoder"
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "encoder"
+    return "decoder"
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    """The longest input the model's position embeddings allow; None for relative positions (T5)."""
+    for attribute in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    name = cfg.tokenizer or cfg.name_or_path
+    source = resolve_source(name, key)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as error:
+        raise _hub_failure(key, name, error) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """The architecture alone: cheap, so prompt/input lengths can be checked before any weights load."""
+    if cfg.from_config is not None:
+        options = dict(cfg.from_config)
+        model_type = options.pop("model_type")
+        options.setdefault("vocab_size", len(tokenizer))
+        # BERT-style tokenizers have [CLS]/[SEP] where LMs expect BOS/EOS
+        specials = {
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id,
+            "eos_token_id": tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id,
+        }
+        for key, token_id in specials.items():
+            if token_id is not None:
+                options.setdefault(key, token_id)
+        if model_type == "t5":
+            options.setdefault("decoder_start_token_id", tokenizer.pad_token_id)
+        try:
+            return AutoConfig.for_model(model_type, **options)
+        except ValueError:
+            raise ConfigError("model.from_config.model_type", model_type, "a transformers model type such as bert, gpt2, llama, t5") from None
+    source = resolve_source(cfg.name_or_path)
+    try:
+        return AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as error:
+        raise _hub_failure("model.name_or_path", cfg.name_or_path, error) from None
+
+
+def model_class(kind: str, head_labels: int | None):
+    if head_labels is not None:
+        return AutoModelForSequenceClassification
+    return AutoModelForSeq2SeqLM if kind == "encoder_decoder" else AutoModelForCausalLM
+
+
+def load_backbone(
+    cfg: ModelConfig,
+    head_labels: int | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    config: PretrainedConfig | None = None,
+) -> Backbone:
+    """Load the model frozen; with `head_labels` it carries a fresh classification head of that many classes."""
+    tokenizer = tokenizer or load_tokenizer(cfg)
+    config = config or load_model_config(cfg, tokenizer)
+    kind = cfg.kind or infer_kind(config)
+    if head_labels is not None:
+        config.num_labels = head_labels
+        if config.pad_token_id is None:
+            config.pad_token_id = tokenizer.pad_token_id
+    cls = model_class(kind, head_labels)
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.from_config is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_MODEL_SEED)
+            model = cls.from_config(config, dtype=dtype)
+    else:
+        source = resolve_source(cfg.name_or_path)
+        try:
+            model = cls.from_pretrained(
+                source,
+                config=config,
+                dtype=dtype,
+                revision=cfg.revision,
+                trust_remote_code=cfg.trust_remote_code,
+                use_safetensors=True,
+            )
+        except OSError as error:
+            raise _hub_failure("model.name_or_path", cfg.name_or_path, error) from None
+    model.requires_grad_(False)
+    model.eval()
+    num_params = cfg.num_params or sum(p.numel() for name, p in model.named_parameters() if not _is_head(name))
+    log.info("loaded %s (%s, %.1fM parameters)", cfg.name, kind, num_params / 1e6)
+    return Backbone(
+        name=cfg.name,
+        model=model,
+        tokenizer=tokenizer,
+        kind=kind,
+        width=model.get_input_embeddings().embedding_dim,
+        max_positions=max_positions(config),
+        num_params=num_params,
+    )
+
+
+HEAD_NAMES = ("classifier", "score")
+
+
+def _is_head(parameter_name: str) -> bool:
+    return parameter_name.split(".")[0] in HEAD_NAMES

@@ -1,0 +1,230 @@
+"""Config schemas: Hydra structured configs, checked before any model or data loads.
+
+The YAML files in `conf/` fill these dataclasses; Hydra rejects unknown keys and wrong types
+on its own, and `validate` adds the rules types cannot express (ranges, allowed names).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from softprompt.errors import ConfigError
+from softprompt.metrics import METRICS
+
+INITS = ("random_uniform", "sampled_vocab", "class_labels", "text", "from_file")
+SCORERS = ("auto", "head", "rank", "generate")
+KINDS = ("encoder", "decoder", "encoder_decoder")
+OPTIMIZERS = ("adafactor", "adamw")
+SCHEDULERS = ("constant", "linear", "cosine")
+PRECISIONS = ("no", "bf16", "fp16")
+DTYPES = ("float32", "bfloat16", "float16")
+REDUCTIONS = ("sum", "mean")
+RESUME_MODES = ("auto", "never", "must")
+
+
+@dataclass
+class ModelConfig:
+    """A frozen backbone: an offline zoo entry, a hub id, a local folder, or a random model built from a config."""
+
+    name: str = MISSING
+    # zoo name, hub id or local directory; null together with `from_config` builds a random model
+    name_or_path: Optional[str] = None
+    # config of a randomly initialised model: `model_type` plus any overrides (hidden_size, ...)
+    from_config: Optional[dict[str, Any]] = None
+    # where the tokenizer comes from when it differs from name_or_path (required with from_config)
+    tokenizer: Optional[str] = None
+    # encoder | decoder | encoder_decoder; null infers it from the model config
+    kind: Optional[str] = None
+    dtype: str = "float32"
+    # parameter count used as the x-axis of size plots; null measures it at load time
+    num_params: Optional[int] = None
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TaskConfig:
+    """A labelled text task: where rows come from, how a row becomes text, how labels become words."""
+
+    name: str = MISSING
+    # a generator shipped with the package (the embedded default task)
+    builtin: Optional[str] = None
+    builtin_size: dict[str, int] = field(default_factory=dict)
+    # hub dataset: [path] or [path, config name]
+    hub_dataset: Optional[list[str]] = None
+    # folder holding the official files (SuperGLUE *.jsonl, GLUE *.tsv)
+    data_dir: Optional[str] = None
+    # split name -> file, for the user's own CSV / TSV / JSON lines
+    data_files: dict[str, str] = field(default_factory=dict)
+    # file format: jsonl | csv | tsv | glue_tsv; null guesses from the file extension
+    format: Optional[str] = None
+    # our split name -> name in the source (file stem or hub split)
+    splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "validation": "validation"})
+    # carve a dev split from train when the source has none: fraction of train, fixed seed
+    dev_from_train: Optional[float] = None
+    dev_seed: int = 0
+    text_fields: list[str] = field(default_factory=lambda: ["text"])
+    label_field: str = "label"
+    template: str = "{text}"
+    # label values as they appear in the data, in class-index order
+    labels: list[Any] = field(default_factory=list)
+    # one word (or phrase) per label; empty means the label names themselves
+    verbalizer: list[str] = field(default_factory=list)
+    # field holding candidate answer texts per row (COPA's choices); overrides the verbalizer
+    choices_fields: list[str] = field(default_factory=list)
+    # field grouping rows into questions (MultiRC)
+    group_field: Optional[str] = None
+    metrics: list[str] = field(default_factory=lambda: ["accuracy"])
+    main_metric: str = "accuracy"
+    scorers: list[str] = field(default_factory=lambda: ["head", "rank"])
+    max_length: int = 128
+    max_train_rows: Optional[int] = None
+    max_eval_rows: Optional[int] = None
+
+
+@dataclass
+class PromptConfig:
+    """The soft prompt: its length and how its vectors start."""
+
+    length: int = 20
+    init: str = "class_labels"
+    # random_uniform: U[-init_range, init_range]
+    init_range: float = 0.5
+    # sampled_vocab and class_labels' leftover positions: rows drawn from the k most frequent tokens
+    vocab_top_k: int = 5000
+    # init=text: the string whose token embeddings start the prompt
+    text: Optional[str] = None
+    # init=from_file: a run's prompt/ folder or a PEFT adapter folder
+    path: Optional[str] = None
+
+
+@dataclass
+class ScorerConfig:
+    """How a label is predicted: a classification head, rank classification, or generation."""
+
+    name: str = "auto"
+    # rank classification: a candidate's score is the sum or the mean of its token log-probabilities
+    reduction: str = "sum"
+    max_new_tokens: int = 8
+
+
+@dataclass
+class TrainerConfig:
+    """The Accelerate training loop."""
+
+    optimizer: str = "adafactor"
+    lr: float = 0.3
+    weight_decay: float = 0.0
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    grad_accum: int = 1
+    max_grad_norm: Optional[float] = 1.0
+    max_steps: int = 1000
+    eval_every: int = 100
+    # stop after this many evaluations without improvement; null never stops early
+    early_stopping_patience: Optional[int] = None
+    mixed_precision: str = "no"
+    log_every: int = 10
+    # null | tensorboard
+    log_with: Optional[str] = None
+    num_workers: int = 0
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """The root config of `softprompt-train`."""
+
+    model: ModelConfig = MISSING
+    task: TaskConfig = MISSING
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    # where run directories go: Hydra's run dir is ${output_root}/...
+    output_root: str = "outputs"
+
+
+def register_configs() -> None:
+    """Make the schemas known to Hydra, so YAML files are typed and checked against them."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def _one_of(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, "one of: " + ", ".join(map(str, allowed)))
+
+
+def _at_least(key: str, value, minimum) -> None:
+    if value is None or value < minimum:
+        raise ConfigError(key, value, f"a number >= {minimum}")
+
+
+def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
+    """Check every rule a type cannot express, so a mistake fails before anything heavy loads."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)
+    model, task, prompt, scorer, trainer = cfg.model, cfg.task, cfg.prompt, cfg.scorer, cfg.trainer
+
+    if model.name_or_path is None and model.from_config is None:
+        raise ConfigError("model.name_or_path", None, "a zoo name, hub id or local folder (or set model.from_config)")
+    if model.from_config is not None and "model_type" not in model.from_config:
+        raise ConfigError("model.from_config", dict(model.from_config), "a mapping with a model_type key")
+    if model.from_config is not None and not model.tokenizer:
+        raise ConfigError("model.tokenizer", model.tokenizer, "a zoo name, hub id or folder for a random model's tokenizer")
+    if model.kind is not None:
+        _one_of("model.kind", model.kind, KINDS)
+    _one_of("model.dtype", model.dtype, DTYPES)
+
+    _at_least("prompt.length", prompt.length, 1)
+    _one_of("prompt.init", prompt.init, INITS)
+    if not prompt.init_range > 0:
+        raise ConfigError("prompt.init_range", prompt.init_range, "a number > 0")
+    _at_least("prompt.vocab_top_k", prompt.vocab_top_k, 1)
+    if prompt.init == "text" and not prompt.text:
+        raise ConfigError("prompt.text", prompt.text, "a non-empty string when prompt.init=text")
+    if prompt.init == "from_file" and not prompt.path:
+        raise ConfigError("prompt.path", prompt.path, "a prompt folder when prompt.init=from_file")
+
+    _one_of("scorer.name", scorer.name, SCORERS)
+    _one_of("scorer.reduction", scorer.reduction, REDUCTIONS)
+    _at_least("scorer.max_new_tokens", scorer.max_new_tokens, 1)
+
+    _one_of("trainer.optimizer", trainer.optimizer, OPTIMIZERS)
+    if not trainer.lr > 0:
+        raise ConfigError("trainer.lr", trainer.lr, "a learning rate > 0")
+    _at_least("trainer.weight_decay", trainer.weight_decay, 0)
+    _one_of("trainer.scheduler", trainer.scheduler, SCHEDULERS)
+    _at_least("trainer.warmup_steps", trainer.warmup_steps, 0)
+    _at_least("trainer.batch_size", trainer.batch_size, 1)
+    _at_least("trainer.eval_batch_size", trainer.eval_batch_size, 1)
+    _at_least("trainer.grad_accum", trainer.grad_accum, 1)
+    if trainer.max_grad_norm is not None and not trainer.max_grad_norm > 0:
+        raise ConfigError("trainer.max_grad_norm", trainer.max_grad_norm, "a number > 0, or null for no clipping")
+    _at_least("trainer.max_steps", trainer.max_steps, 0)
+    _at_least("trainer.eval_every", trainer.eval_every, 1)
+    if trainer.early_stopping_patience is not None:
+        _at_least("trainer.early_stopping_patience", trainer.early_stopping_patience, 1)
+    _one_of("trainer.mixed_precision", trainer.mixed_precision, PRECISIONS)
+    _at_least("trainer.log_every", trainer.log_every, 1)
+    if trainer.log_with is not None:
+        _one_of("trainer.log_with", trainer.log_with, ("tensorboard",))
+    _at_least("trainer.num_workers", trainer.num_workers, 0)
+
+    _at_least("task.max_length", task.max_length, 1)
+    for name in task.metrics:
+        _one_of("task.metrics", name, METRICS)
+    if task.main_metric not in task.metrics:
+        raise ConfigError("task.main_metric", task.main_metric, "one of task.metrics: " + ", ".join(task.metrics))
+    for name in task.scorers:
+        _one_of("task.scorers", name, SCORERS[1:])
+    if task.verbalizer and len(task.verbalizer) != len(task.labels):
+        raise ConfigError("task.verbalizer", list(task.verbalizer), f"one word per label ({len(task.labels)} labels)")
+    if task.dev_from_train is not None and not 0 < task.dev_from_train < 1:
+        raise ConfigError("task.dev_from_train", task.dev_from_train, "a fraction between 0 and 1")
+    return cfg

@@ -1,0 +1,52 @@
+"""User-facing errors: a mistake the user can fix gets one line and exit status 2, never a traceback."""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+EXIT_USER_ERROR = 2
+
+F = TypeVar("F", bound=Callable)
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for (config, data, paths); the message is the whole explanation."""
+
+
+class ConfigError(UserError):
+    """A config value that is not allowed: names the key, the value and what is allowed."""
+
+    def __init__(self, key: str, value, allowed: str):
+        super().__init__(f"{key}={value!r} is not allowed: {allowed}")
+        self.key, self.value, self.allowed = key, value, allowed
+
+
+class DataError(UserError):
+    """Bad input data: names the file, and the row and column where known."""
+
+    def __init__(self, message: str, path=None, row: int | None = None, column: str | None = None):
+        where = ", ".join(
+            part
+            for part in (
+                str(path) if path is not None else "",
+                f"row {row}" if row is not None else "",
+                f"column {column!r}" if column is not None else "",
+            )
+            if part
+        )
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+def exit_on_user_error(main: F) -> F:
+    """Wrap a command's entry point so a UserError prints one line on stderr and exits with status 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,118 @@
+"""Pipeline: config to task, backbone and scorer, and the loaders and predictions every command shares.
+
+Every check a user can fail (task files, labels, model name, scorer, lengths, precision) runs
+before the weights load, so a mistake costs seconds, not a model load.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from softprompt.backbone import Backbone, infer_kind, load_backbone, load_model_config, load_tokenizer, max_positions
+from softprompt.batching import Collator, encode, verbalizer_tokens
+from softprompt.config import TrainConfig
+from softprompt.errors import ConfigError
+from softprompt.metrics import compute_metrics
+from softprompt.scorer import resolve_scorer
+from softprompt.task import Task, load_task
+
+
+@dataclass
+class Pipeline:
+    cfg: TrainConfig
+    task: Task
+    tokenizer: PreTrainedTokenizerBase
+    backbone: Backbone
+    scorer: str
+    # verbalizer token ids per label (empty when a task's candidates come from each row)
+    label_token_ids: list[list[int]]
+
+
+def check_lengths(cfg: TrainConfig, limit: int | None, answer_tokens: int) -> None:
+    """Prompt plus input (plus the answer, for decoders) must fit the model's position embeddings."""
+    if limit is None:
+        return
+    needed = cfg.prompt.length + cfg.task.max_length + answer_tokens
+    if needed > limit:
+        raise ConfigError(
+            "prompt.length",
+            cfg.prompt.length,
+            f"prompt.length + task.max_length{' + answer tokens' if answer_tokens else ''} = {needed} "
+            f"must be at most {limit}, the model's maximum positions",
+        )
+
+
+def check_precision(cfg: TrainConfig, model_type: str) -> None:
+    precision = cfg.trainer.mixed_precision
+    if precision == "fp16" and model_type in ("t5", "mt5", "umt5"):
+        raise ConfigError("trainer.mixed_precision", precision, "no or bf16 for T5 models (T5 activations overflow fp16's range)")
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("trainer.mixed_precision", precision, "no or bf16 on a machine without a CUDA GPU")
+
+
+def build_pipeline(cfg: TrainConfig, splits: tuple[str, ...] = ("train", "validation")) -> Pipeline:
+    task = load_task(cfg.task, splits)
+    tokenizer = load_tokenizer(cfg.model)
+    model_config = load_model_config(cfg.model, tokenizer)
+    kind = cfg.model.kind or infer_kind(model_config)
+    scorer = resolve_scorer(cfg.scorer, kind, list(cfg.task.scorers))
+    label_token_ids = [] if cfg.task.choices_fields else verbalizer_tokens(tokenizer, kind, task.verbalizer)
+    answer_tokens = 0
+    if kind == "decoder" and scorer != "head":
+        longest = max((len(c) for e in task.examples[splits[-1]] for c in e.candidates), default=0)
+        answer_tokens = max([len(ids) for ids in label_token_ids] + [longest]) + 1
+    check_lengths(cfg, max_positions(model_config), answer_tokens)
+    check_precision(cfg, model_config.model_type)
+    backbone = load_backbone(cfg.model, task.num_classes if scorer == "head" else None, tokenizer, model_config)
+    return Pipeline(cfg, task, tokenizer, backbone, scorer, label_token_ids)
+
+
+def make_loader(pipeline: Pipeline, split: str, training: bool, seed: int = 0) -> DataLoader:
+    """Training batches are shuffled from a seeded generator and hold the gold answer only."""
+    cfg = pipeline.cfg
+    rows = encode(pipeline.task.examples[split], pipeline.tokenizer, pipeline.backbone.kind, pipeline.scorer, cfg.task.max_length)
+    return DataLoader(
+        rows,
+        batch_size=cfg.trainer.batch_size if training else cfg.trainer.eval_batch_size,
+        shuffle=training,
+        generator=torch.Generator().manual_seed(seed) if training else None,
+        collate_fn=Collator(pipeline.backbone.kind, pipeline.scorer, pipeline.tokenizer.pad_token_id, all_candidates=not training),
+        num_workers=cfg.trainer.num_workers,
+    )
+
+
+@dataclass
+class Predictions:
+    predictions: list[int]
+    references: list[int]
+    # row numbers in the split, so groups (MultiRC questions) and inputs can be looked up
+    indices: list[int]
+    scores: list[list[float]]
+
+
+@torch.no_grad()
+def predict(model, loader: DataLoader, accelerator: Accelerator, progress: bool = True) -> Predictions:
+    """Score every row once across processes: gather_for_metrics drops the padding of the last batch."""
+    was_training = model.training
+    model.eval()
+    out = Predictions([], [], [], [])
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not (progress and accelerator.is_main_process)):
+        scores = model(batch).scores
+        gathered = accelerator.gather_for_metrics((scores.argmax(-1), batch["labels"], batch["index"], scores))
+        for store, values in zip((out.predictions, out.references, out.indices, out.scores), gathered):
+            store.extend(values.tolist())
+    model.train(was_training)
+    return out
+
+
+def evaluate(model, loader: DataLoader, accelerator: Accelerator, task: Task, progress: bool = True) -> dict[str, float]:
+    result = predict(model, loader, accelerator, progress)
+    examples = task.examples["validation"]
+    groups = [examples[i].group for i in result.indices] if task.cfg.group_field else None
+    metrics = compute_metrics(task.cfg.metrics, result.predictions, result.references, groups=groups)
+    return {key: round(float(value), 6) for key, value in metrics.items()}

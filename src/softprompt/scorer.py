@@ -1,0 +1,130 @@
+"""Scorer: how a label is predicted from a prompted frozen model.
+
+- `head`: a classification head on an encoder (PEFT's SEQ_CLS layout);
+- `rank`: rank classification for decoder and encoder-decoder LMs (Lester et al.): each
+  candidate answer's log-likelihood given prompt and input; the best-scoring one wins.
+
+Every row carries its own prompt (a (batch, length, width) tensor), so rows tuned for different
+tasks can share a batch. Only the logits that are scored are computed: the answer positions
+(decoders) or the answer tokens (encoder-decoders), never the soft-prompt positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from softprompt.batching import IGNORE
+from softprompt.config import ScorerConfig
+from softprompt.errors import ConfigError
+from softprompt.soft_prompt import prompt_parameter
+
+
+def resolve_scorer(cfg: ScorerConfig, kind: str, task_scorers: list[str]) -> str:
+    """The scorer this model kind and task can use; an impossible pair is a one-line config error."""
+    name = cfg.name
+    if name == "auto":
+        name = "head" if kind == "encoder" else "rank"
+    if name == "head" and kind != "encoder":
+        raise ConfigError("scorer.name", name, f"rank or generate for a {kind} model (head needs an encoder)")
+    if name != "head" and kind == "encoder":
+        raise ConfigError("scorer.name", name, "head for an encoder model (rank and generate need a language model)")
+    if name not in task_scorers:
+        raise ConfigError("scorer.name", name, "one this task supports: " + ", ".join(task_scorers))
+    return name
+
+
+@dataclass
+class ScoreOutput:
+    loss: torch.Tensor
+    # (rows, choices) log-probabilities; -inf where a row has fewer choices
+    scores: torch.Tensor
+
+
+class PromptedModel(nn.Module):
+    """The frozen backbone behind PEFT's adapter, called with soft prompts prepended to each row."""
+
+    def __init__(self, peft_model: PeftModel, kind: str, scorer: str, reduction: str = "sum"):
+        super().__init__()
+        self.peft_model = peft_model
+        self.kind, self.scorer, self.reduction = kind, scorer, reduction
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.peft_model.base_model
+
+    def row_prompts(self, rows: int) -> torch.Tensor:
+        return prompt_parameter(self.peft_model).unsqueeze(0).expand(rows, -1, -1)
+
+    def _prepend(self, prompts: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        embeddings = self.backbone.get_input_embeddings()(input_ids)
+        inputs = torch.cat([prompts.to(embeddings.dtype), embeddings], dim=1)
+        ones = attention_mask.new_ones(prompts.shape[:2])
+        return inputs, torch.cat([ones, attention_mask], dim=1)
+
+    def forward(self, batch: dict[str, torch.Tensor], prompts: torch.Tensor | None = None) -> ScoreOutput:
+        rows = batch["labels"].shape[0]
+        prompts = self.row_prompts(rows) if prompts is None else prompts
+        if self.scorer == "head":
+            return self._head(batch, prompts)
+        pair_log_probs = self._decoder(batch, prompts) if self.kind == "decoder" else self._encoder_decoder(batch, prompts)
+        return self._rank(batch, pair_log_probs)
+
+    def _head(self, batch, prompts) -> ScoreOutput:
+        inputs, mask = self._prepend(prompts, batch["input_ids"], batch["attention_mask"])
+        extra = {}
+        if "token_type_ids" in batch:
+            types = batch["token_type_ids"]
+            extra["token_type_ids"] = torch.cat([types.new_zeros(prompts.shape[:2]), types], dim=1)
+        logits = self.backbone(inputs_embeds=inputs, attention_mask=mask, **extra).logits.float()
+        return ScoreOutput(nn.functional.cross_entropy(logits, batch["labels"]), logits.log_softmax(-1))
+
+    def _decoder(self, batch, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layout [prompt][left padding][input][answer]; positions skip the padding, as if it were absent."""
+        inputs, mask = self._prepend(prompts[batch["pair_row"]], batch["input_ids"], batch["attention_mask"])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        targets = batch["targets"]
+        answer_length = targets.shape[1]
+        logits = self.backbone(
+            inputs_embeds=inputs,
+            attention_mask=mask,
+            position_ids=positions,
+            logits_to_keep=answer_length + 1,
+            use_cache=False,
+        ).logits[:, :-1]
+        return _token_log_probs(logits, targets)
+
+    def _encoder_decoder(self, batch, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode each row once with its prompt, then decode all of its candidate answers together."""
+        inputs, mask = self._prepend(prompts, batch["input_ids"], batch["attention_mask"])
+        encoded = self.backbone.get_encoder()(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+        pair_row = batch["pair_row"]
+        targets = batch["targets"]
+        logits = self.backbone(
+            encoder_outputs=(encoded[pair_row],),
+            attention_mask=mask[pair_row],
+            decoder_input_ids=self.backbone.prepare_decoder_input_ids_from_labels(labels=targets),
+            use_cache=False,
+        ).logits
+        return _token_log_probs(logits, targets)
+
+    def _rank(self, batch, pair_log_probs: tuple[torch.Tensor, torch.Tensor]) -> ScoreOutput:
+        token_log_probs, valid = pair_log_probs
+        totals = token_log_probs.sum(-1)
+        loss = -totals.sum() / valid.sum()
+        scores = totals / valid.sum(-1) if self.reduction == "mean" else totals
+        rows = batch["labels"].shape[0]
+        table = scores.new_full((rows, int(batch["num_choices"])), float("-inf"))
+        table[batch["pair_row"], batch["pair_choice"]] = scores
+        return ScoreOutput(loss, table)
+
+
+def _token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target token) at each scored position, zero where the target is padding."""
+    valid = targets != IGNORE
+    logits = logits.float()
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    log_probs = (picked - logits.logsumexp(-1)) * valid
+    return log_probs, valid

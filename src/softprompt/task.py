@@ -1,0 +1,222 @@
+"""Task: the rows of each split, rendered to text by a template, with labels mapped to verbalizer words.
+
+One code path serves every task: a config names where rows come from (a built-in generator,
+local files in a known format, or a hub dataset), and the same template, verbalizer and
+metric logic applies to all of them.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from softprompt import synthetic
+from softprompt.config import TaskConfig
+from softprompt.errors import ConfigError, DataError, UserError
+
+FIELD = re.compile(r"\{(\w+)\}")
+BUILTINS: dict[str, Callable[[str, int, int], list[dict]]] = {"reviews": synthetic.generate}
+BUILTIN_SIZES = {"train": 2000, "validation": 500, "test": 500}
+
+
+@dataclass
+class Example:
+    """One row ready for a scorer: the rendered input, its candidate answers and the gold index."""
+
+    text: str
+    candidates: list[str]
+    label: int
+    group: Any = None
+
+
+@dataclass
+class Task:
+    cfg: TaskConfig
+    rows: dict[str, list[dict]] = field(default_factory=dict)
+    # split -> how it was made (source file, carved from train, ...), recorded in the run directory
+    provenance: dict[str, str] = field(default_factory=dict)
+    # split -> rendered rows, built once by load_task
+    examples: dict[str, list[Example]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def labels(self) -> list[Any]:
+        return list(self.cfg.labels)
+
+    @property
+    def verbalizer(self) -> list[str]:
+        return list(self.cfg.verbalizer) or [str(label) for label in self.cfg.labels]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.cfg.choices_fields) or len(self.cfg.labels)
+
+    def render(self, row: dict, where: str = "") -> str:
+        def value(match: re.Match) -> str:
+            name = match.group(1)
+            if name not in row:
+                raise DataError(f"the template needs field {name!r}; the row has: {', '.join(row)}", where or None, column=name)
+            return str(row[name])
+
+        return FIELD.sub(value, self.cfg.template)
+
+    def label_index(self, row: dict, where: str = "") -> int:
+        if self.cfg.label_field not in row:
+            raise DataError(f"missing label field; the row has: {', '.join(row)}", where or None, column=self.cfg.label_field)
+        value = row[self.cfg.label_field]
+        for index, label in enumerate(self.cfg.labels):
+            if value == label or str(value) == str(label):
+                return index
+        raise DataError(
+            f"label {value!r} is not one of task.labels: {', '.join(map(str, self.cfg.labels))}",
+            where or None,
+            column=self.cfg.label_field,
+        )
+
+    def candidates(self, row: dict) -> list[str]:
+        if self.cfg.choices_fields:
+            return [str(row[name]) for name in self.cfg.choices_fields]
+        return self.verbalizer
+
+    def build_examples(self, split: str) -> list[Example]:
+        origin = self.provenance.get(split, split)
+        return [
+            Example(
+                text=self.render(row, f"{origin}, row {number}"),
+                candidates=self.candidates(row),
+                label=self.label_index(row, f"{origin}, row {number}"),
+                group=row.get(self.cfg.group_field) if self.cfg.group_field else None,
+            )
+            for number, row in enumerate(self.rows[split], start=1)
+        ]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"not valid JSON ({error.msg})", path, row=number) from None
+            if not isinstance(row, dict):
+                raise DataError("each line must be a JSON object", path, row=number)
+            rows.append(row)
+    return rows
+
+
+def read_delimited(path: Path, delimiter: str) -> list[dict]:
+    """CSV/TSV with a header row; GLUE's TSVs have unbalanced quotes, so quoting is off for tabs."""
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
+        rows = []
+        for number, row in enumerate(reader, start=2):
+            if None in row or any(value is None for value in row.values()):
+                raise DataError(f"expected {len(reader.fieldnames)} columns ({', '.join(reader.fieldnames)})", path, row=number)
+            rows.append({key: _number_or_text(value) for key, value in row.items()})
+    return rows
+
+
+def _number_or_text(value: str) -> Any:
+    stripped = value.strip()
+    if re.fullmatch(r"-?\d+", stripped):
+        return int(stripped)
+    return value
+
+
+READERS: dict[str, Callable[[Path], list[dict]]] = {
+    "jsonl": read_jsonl,
+    "csv": lambda path: read_delimited(path, ","),
+    "tsv": lambda path: read_delimited(path, "\t"),
+}
+EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".txt": "tsv"}
+
+
+def read_file(path: Path, fmt: str | None) -> list[dict]:
+    if not path.is_file():
+        raise DataError("file not found", path)
+    fmt = fmt or EXTENSIONS.get(path.suffix.lower())
+    if fmt not in READERS:
+        raise ConfigError("task.format", fmt, "one of: " + ", ".join(READERS))
+    rows = READERS[fmt](path)
+    if not rows:
+        raise DataError("the file holds no rows", path)
+    return rows
+
+
+def _split_file(cfg: TaskConfig, split: str) -> Path:
+    """The file of a split: task.data_files[split], or the split's stem inside task.data_dir."""
+    if split in cfg.data_files:
+        return Path(cfg.data_files[split]).expanduser()
+    stem = cfg.splits.get(split, split)
+    folder = Path(cfg.data_dir).expanduser()
+    if not folder.is_dir():
+        raise ConfigError("task.data_dir", cfg.data_dir, "an existing folder with the task's files")
+    matches = sorted(path for path in folder.iterdir() if path.stem == stem and path.suffix.lower() in EXTENSIONS)
+    if not matches:
+        present = ", ".join(sorted(path.name for path in folder.iterdir())) or "nothing"
+        raise DataError(f"no {split} file ({stem}.*) in this folder, which holds: {present}", folder)
+    return matches[0]
+
+
+def _read_hub(cfg: TaskConfig, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(*cfg.hub_dataset, split=cfg.splits.get(split, split)))
+    except (OSError, ConnectionError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"task.hub_dataset={list(cfg.hub_dataset)!r} could not be loaded ({reason})") from None
+
+
+def read_split(cfg: TaskConfig, split: str, seed: int = 0) -> tuple[list[dict], str]:
+    """Rows of one split and where they came from."""
+    if cfg.builtin is not None:
+        if cfg.builtin not in BUILTINS:
+            raise ConfigError("task.builtin", cfg.builtin, "one of: " + ", ".join(BUILTINS))
+        size = cfg.builtin_size.get(split, BUILTIN_SIZES[split])
+        return BUILTINS[cfg.builtin](split, size, seed), f"builtin:{cfg.builtin}:{split}"
+    if cfg.hub_dataset:
+        return _read_hub(cfg, split), f"hub:{'/'.join(cfg.hub_dataset)}:{cfg.splits.get(split, split)}"
+    if not cfg.data_files and not cfg.data_dir:
+        raise ConfigError("task.data_files", {}, "files for train and validation, or task.data_dir, or task.builtin")
+    path = _split_file(cfg, split)
+    return read_file(path, cfg.format), str(path)
+
+
+def load_task(cfg: TaskConfig, splits: tuple[str, ...] = ("train", "validation")) -> Task:
+    """Read the splits; a dev split carved from train uses a fixed seed so reruns see the same rows."""
+    task = Task(cfg)
+    for split in splits:
+        if split == "validation" and cfg.dev_from_train is not None:
+            continue
+        task.rows[split], task.provenance[split] = read_split(cfg, split)
+    if cfg.dev_from_train is not None and "validation" in splits:
+        import random
+
+        rows = task.rows["train"]
+        order = list(range(len(rows)))
+        random.Random(cfg.dev_seed).shuffle(order)
+        cut = max(1, round(len(rows) * cfg.dev_from_train))
+        task.rows["validation"] = [rows[i] for i in sorted(order[:cut])]
+        task.rows["train"] = [rows[i] for i in sorted(order[cut:])]
+        source = task.provenance["train"]
+        task.provenance["validation"] = f"{source} (dev: {cut} rows carved with seed {cfg.dev_seed})"
+        task.provenance["train"] = f"{source} (minus the {cut} dev rows)"
+    limits = {"train": cfg.max_train_rows, "validation": cfg.max_eval_rows}
+    for split, limit in limits.items():
+        if limit is not None and split in task.rows:
+            task.rows[split] = task.rows[split][:limit]
+    for split in splits:
+        # every row renders and has a known label, or we fail here, before any model loads
+        task.examples[split] = task.build_examples(split)
+    return task

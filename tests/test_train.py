@@ -1,0 +1,119 @@
+"""Training end to end on tiny models: run directory contract, PEFT reload, determinism."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+from peft import PeftModel
+
+from conftest import quick_overrides
+from softprompt.batching import candidate_tokens
+from softprompt.cli import compose_config
+from softprompt.config import validate
+from softprompt.pipeline import build_pipeline, make_loader, predict
+from softprompt.run_dir import TIMING_KEYS
+from softprompt.scorer import PromptedModel
+
+ARCHITECTURES = ["tiny-bert", "tiny-gpt2", "tiny-llama", "tiny-t5"]
+
+
+def peft_scores(peft_model, pipeline) -> list[list[float]]:
+    """Class log-probabilities through PEFT's own forward, one unpadded row at a time, with full logits."""
+    tokenizer, kind = pipeline.tokenizer, pipeline.backbone.kind
+    rows = []
+    for example in pipeline.task.examples["validation"]:
+        encoded = tokenizer(example.text, truncation=True, max_length=pipeline.cfg.task.max_length, return_tensors="pt")
+        if pipeline.scorer == "head":
+            rows.append(peft_model(**encoded).logits.log_softmax(-1)[0].tolist())
+            continue
+        scores = []
+        for candidate in example.candidates:
+            answer = torch.tensor([candidate_tokens(tokenizer, kind, candidate)])
+            if kind == "decoder":
+                ids = torch.cat([encoded["input_ids"], answer], dim=1)
+                logits = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+                logits = logits[0, -answer.shape[1] - 1 : -1]
+            else:
+                logits = peft_model(**encoded, labels=answer).logits[0]
+            scores.append(logits.log_softmax(-1).gather(-1, answer[0, :, None]).sum().item())
+        rows.append(scores)
+    return rows
+
+
+@pytest.mark.parametrize("model", ARCHITECTURES)
+def test_trains_saves_and_reloads_through_peft(train_run, model):
+    overrides = quick_overrides(model, steps=6, **{"trainer.lr": "0.3"})
+    run_dir, result = train_run(overrides)
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    for key in ("eval", "initial_eval", "eval_examples", "best_step", "trainable_params", "train_seconds", "train_samples_per_second"):
+        assert key in metrics
+    assert metrics["eval_examples"] == 24
+    assert metrics["trainable_params"]["prompt"] == 4 * 32
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [6] and {"loss", "lr", "samples_per_second"} <= set(log[0])
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["num_processes"] == 1 and env["effective_batch_size"] == 8 and env["seed"] == 0
+
+    cfg = validate(compose_config(overrides))
+    pipeline = build_pipeline(cfg)
+    with torch.no_grad():
+        reloaded = PeftModel.from_pretrained(pipeline.backbone.model, run_dir / "prompt").eval()
+        ours = predict(PromptedModel(reloaded, pipeline.backbone.kind, pipeline.scorer).eval(), make_loader(pipeline, "validation", False), Accelerator(), progress=False)
+        theirs = torch.tensor(peft_scores(reloaded, pipeline))
+    # batched-and-padded versus one row at a time: equal up to float rounding ...
+    assert torch.allclose(torch.tensor(ours.scores), theirs, atol=1e-5)
+    # ... so every prediction not decided by rounding is the same
+    top2 = theirs.topk(2, dim=-1).values
+    decided = (top2[:, 0] - top2[:, 1]) > 1e-4
+    assert decided.sum() >= len(decided) // 2
+    assert torch.equal(torch.tensor(ours.predictions)[decided], theirs.argmax(-1)[decided])
+    accuracy = sum(p == r for p, r in zip(ours.predictions, ours.references)) / len(ours.references)
+    assert accuracy == pytest.approx(metrics["eval"]["accuracy"], abs=1e-6)
+
+
+def test_same_seed_gives_identical_metrics(train_run):
+    overrides = quick_overrides("tiny-llama", steps=4)
+    first, _ = train_run(overrides, "first")
+    second, _ = train_run(overrides, "second")
+    other, _ = train_run(overrides + ["seed=1"], "other")
+
+    def deterministic(path):
+        record = json.loads((path / "metrics.json").read_text())
+        return {key: value for key, value in record.items() if key not in TIMING_KEYS}
+
+    assert deterministic(first) == deterministic(second)
+    losses = lambda path: [json.loads(line)["loss"] for line in (path / "train_log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(first) == losses(second) != losses(other)
+
+
+def test_zero_steps_only_evaluates(train_run):
+    run_dir, result = train_run(quick_overrides("tiny-t5", steps=0))
+    assert result["eval"] == result["initial_eval"] and result["best_step"] == 0 and result["steps"] == 0
+    assert (run_dir / "prompt" / "adapter_model.safetensors").is_file()
+
+
+def test_learning_moves_the_prompt_only(train_run):
+    run_dir, result = train_run(quick_overrides("tiny-gpt2", steps=3, **{"trainer.lr": "0.5", "prompt.init": "random_uniform"}))
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run_dir / "prompt" / "adapter_model.safetensors"))
+    assert set(saved) == {"prompt_embeddings"}
+
+
+@pytest.mark.slow
+def test_embedded_default_learns(tmp_path):
+    """softprompt-train with no arguments: minilm-l6 on the generated reviews, >= 0.85 and >= +0.2 over step 0."""
+    from conftest import run_cli
+
+    result = run_cli("softprompt.train", f"hydra.run.dir={tmp_path / 'run'}", "trainer.progress_bar=false", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    assert metrics["eval"]["accuracy"] >= 0.85
+    assert metrics["eval"]["accuracy"] - metrics["initial_eval"]["accuracy"] >= 0.2
+    assert "accuracy:" in result.stdout and "trainable parameters" in result.stdout
+    assert result.stdout.count("run: ") == 1

@@ -26,6 +26,8 @@ class Encoded:
     token_type_ids: list[int] | None = None
     group: Any = None
     index: int = 0
+    # which prompt of a prompt bank this row uses (always 0 for a single-prompt run)
+    prompt: int = 0
 
 
 def candidate_tokens(tokenizer: PreTrainedTokenizerBase, kind: str, text: str) -> list[int]:
@@ -103,6 +105,7 @@ class Collator:
         batch = {
             "labels": torch.tensor([row.label for row in rows]),
             "index": torch.tensor([row.index for row in rows]),
+            "prompt_index": torch.tensor([row.prompt for row in rows]),
         }
         if self.scorer == "head":
             batch["input_ids"] = _pad([row.input_ids for row in rows], self.pad)

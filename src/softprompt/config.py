@@ -58,7 +58,7 @@ class TaskConfig:
     # folder holding the official files (SuperGLUE *.jsonl, GLUE *.tsv)
     data_dir: Optional[str] = None
     # split name -> file, for the user's own CSV / TSV / JSON lines
-    data_files: dict[str, str] = field(default_factory=dict)
+    data_files: dict[str, Optional[str]] = field(default_factory=dict)
     # file format: jsonl | csv | tsv | glue_tsv; null guesses from the file extension
     format: Optional[str] = None
     # our split name -> name in the source (file stem or hub split)

@@ -16,6 +16,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from softprompt.backbone import HEAD_NAMES
 from softprompt.batching import IGNORE
 from softprompt.config import ScorerConfig
 from softprompt.errors import ConfigError
@@ -64,22 +65,44 @@ class PromptedModel(nn.Module):
         ones = attention_mask.new_ones(prompts.shape[:2])
         return inputs, torch.cat([ones, attention_mask], dim=1)
 
-    def forward(self, batch: dict[str, torch.Tensor], prompts: torch.Tensor | None = None) -> ScoreOutput:
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        prompts: torch.Tensor | None = None,
+        heads: list[nn.Module] | None = None,
+    ) -> ScoreOutput:
+        """Score a batch; `prompts` gives each row its own prompt and `heads` each bank prompt its own head."""
         rows = batch["labels"].shape[0]
         prompts = self.row_prompts(rows) if prompts is None else prompts
         if self.scorer == "head":
-            return self._head(batch, prompts)
+            return self._head(batch, prompts, heads)
         pair_log_probs = self._decoder(batch, prompts) if self.kind == "decoder" else self._encoder_decoder(batch, prompts)
         return self._rank(batch, pair_log_probs)
 
-    def _head(self, batch, prompts) -> ScoreOutput:
+    def _head(self, batch, prompts, heads) -> ScoreOutput:
         inputs, mask = self._prepend(prompts, batch["input_ids"], batch["attention_mask"])
         extra = {}
         if "token_type_ids" in batch:
             types = batch["token_type_ids"]
             extra["token_type_ids"] = torch.cat([types.new_zeros(prompts.shape[:2]), types], dim=1)
-        logits = self.backbone(inputs_embeds=inputs, attention_mask=mask, **extra).logits.float()
-        return ScoreOutput(nn.functional.cross_entropy(logits, batch["labels"]), logits.log_softmax(-1))
+        if heads is None:
+            logits = self.backbone(inputs_embeds=inputs, attention_mask=mask, **extra).logits.float()
+            return ScoreOutput(nn.functional.cross_entropy(logits, batch["labels"]), logits.log_softmax(-1))
+        # one pass through the body; each row then goes through the head of its own prompt's task
+        features = []
+        hook = head_module(self.backbone).register_forward_pre_hook(lambda module, args: features.append(args[0]))
+        try:
+            self.backbone(inputs_embeds=inputs, attention_mask=mask, **extra)
+        finally:
+            hook.remove()
+        prompt_index = batch["prompt_index"]
+        width = max(head_classes(head) for head in heads)
+        table = features[0].new_full((prompt_index.shape[0], width), float("-inf"), dtype=torch.float32)
+        for index in prompt_index.unique().tolist():
+            rows = (prompt_index == index).nonzero().squeeze(1)
+            log_probs = heads[index](features[0][rows]).float().log_softmax(-1)
+            table[rows, : log_probs.shape[1]] = log_probs
+        return ScoreOutput(table.new_zeros(()), table)
 
     def _decoder(self, batch, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         """Layout [prompt][left padding][input][answer]; positions skip the padding, as if it were absent."""
@@ -119,6 +142,19 @@ class PromptedModel(nn.Module):
         table = scores.new_full((rows, int(batch["num_choices"])), float("-inf"))
         table[batch["pair_row"], batch["pair_choice"]] = scores
         return ScoreOutput(loss, table)
+
+
+def head_module(model: nn.Module) -> nn.Module:
+    """The classification head of a sequence-classification model (PEFT keeps its trainable copy inside)."""
+    for name in HEAD_NAMES:
+        if hasattr(model, name):
+            return getattr(model, name)
+    raise ValueError(f"{type(model).__name__} has no classification head ({', '.join(HEAD_NAMES)})")
+
+
+def head_classes(head: nn.Module) -> int:
+    """How many classes a head scores: the output size of its last linear layer."""
+    return [module for module in head.modules() if isinstance(module, nn.Linear)][-1].out_features
 
 
 def _token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -155,7 +155,7 @@ def read_file(path: Path, fmt: str | None) -> list[dict]:
 
 def _split_file(cfg: TaskConfig, split: str) -> Path:
     """The file of a split: task.data_files[split], or the split's stem inside task.data_dir."""
-    if split in cfg.data_files:
+    if cfg.data_files.get(split):
         return Path(cfg.data_files[split]).expanduser()
     stem = cfg.splits.get(split, split)
     folder = Path(cfg.data_dir).expanduser()
@@ -187,7 +187,7 @@ def read_split(cfg: TaskConfig, split: str, seed: int = 0) -> tuple[list[dict], 
         return BUILTINS[cfg.builtin](split, size, seed), f"builtin:{cfg.builtin}:{split}"
     if cfg.hub_dataset:
         return _read_hub(cfg, split), f"hub:{'/'.join(cfg.hub_dataset)}:{cfg.splits.get(split, split)}"
-    if not cfg.data_files and not cfg.data_dir:
+    if not any(cfg.data_files.values()) and not cfg.data_dir:
         raise ConfigError("task.data_files", {}, "files for train and validation, or task.data_dir, or task.builtin")
     path = _split_file(cfg, split)
     return read_file(path, cfg.format), str(path)

@@ -1,0 +1,175 @@
+"""softprompt-predict: serve many prompts from one frozen model.
+
+Two uses:
+- mixed batches: `--prompts NAME=RUN_DIR ... --input FILE` scores rows that each name their
+  prompt, every batch in one forward pass, and writes predictions with their scores;
+- ensembles: `--ensemble RUN_DIR ...` (K prompts of one task, e.g. the seeds of a sweep) scores
+  the task's validation rows with all K prompts in one batch and combines them by majority vote
+  and by mean log-probability (Lester et al. 2021, section 6), writing `ensemble.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from softprompt import run_dir as records
+from softprompt.batching import Collator
+from softprompt.errors import UserError, exit_on_user_error
+from softprompt.metrics import compute_metrics
+from softprompt.prompt_bank import PromptBank
+from softprompt.task import Example, read_file, read_split
+
+log = logging.getLogger("softprompt.predict")
+
+
+def parse_sources(items: list[str]) -> dict[str, str]:
+    sources = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--prompts {item!r} is not allowed: NAME=RUN_DIR, e.g. sst2=outputs/runs/2026-01-01_sst2")
+        if name in sources:
+            raise UserError(f"--prompts names {name!r} twice: each prompt needs its own name")
+        sources[name] = path
+    return sources
+
+
+def example_for(bank: PromptBank, index: int, row: dict, where: str) -> Example:
+    """A row rendered by its prompt's task; the label is optional (-1 when the row has none)."""
+    task = bank.entries[index].task
+    label = task.label_index(row, where) if task.cfg.label_field in row else -1
+    return Example(text=task.render(row, where), candidates=task.candidates(row), label=label)
+
+
+def score_rows(bank: PromptBank, examples: list[Example], prompt_indices: list[int], batch_size: int, progress: bool = True) -> torch.Tensor:
+    """Log-probabilities (rows, choices) of every row under its own prompt, batch by batch."""
+    rows = bank.encode(examples, prompt_indices)
+    collate = Collator(bank.backbone.kind, bank.scorer, bank.backbone.tokenizer.pad_token_id, all_candidates=True)
+    width = max(len(example.candidates) for example in examples)
+    scores = torch.full((len(rows), width), float("-inf"))
+    for batch in tqdm(DataLoader(rows, batch_size=batch_size, collate_fn=collate), desc="predict", disable=not progress):
+        batch_scores = bank.score(batch)
+        scores[batch["index"], : batch_scores.shape[1]] = batch_scores
+    return scores
+
+
+def predict_file(bank: PromptBank, input_path: Path, output_path: Path, prompt_field: str, batch_size: int) -> dict:
+    rows = read_file(input_path, None)
+    indices, examples = [], []
+    for number, row in enumerate(rows, start=1):
+        where = f"{input_path}, row {number}"
+        if prompt_field not in row:
+            raise UserError(f"{where}: no {prompt_field!r} column naming the row's prompt (one of: {', '.join(bank.names)})")
+        index = bank.index(str(row[prompt_field]))
+        indices.append(index)
+        examples.append(example_for(bank, index, row, where))
+    scores = score_rows(bank, examples, indices, batch_size)
+    predictions = scores.argmax(-1).tolist()
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    build = output_path.with_name(f".{output_path.name}.build")
+    correct: Counter = Counter()
+    counted: Counter = Counter()
+    with open(build, "w", encoding="utf-8") as handle:
+        for row, index, example, prediction, row_scores in zip(rows, indices, examples, predictions, scores.tolist()):
+            task = bank.entries[index].task
+            names = example.candidates if task.cfg.choices_fields else [str(label) for label in task.labels]
+            record = {
+                **row,
+                "prediction": names[prediction] if not task.cfg.choices_fields else prediction,
+                "scores": {name: row_scores[i] for i, name in enumerate(names)},
+            }
+            handle.write(json.dumps(record) + "\n")
+            if example.label >= 0:
+                counted[bank.names[index]] += 1
+                correct[bank.names[index]] += int(prediction == example.label)
+    build.replace(output_path)
+    return {name: correct[name] / counted[name] for name in counted}
+
+
+def evaluate_ensemble(bank: PromptBank, batch_size: int) -> dict:
+    """Each validation row scored by all K prompts in one batch; per-prompt, vote and mean-log-prob metrics."""
+    task_names = {entry.cfg.task.name for entry in bank.entries}
+    if len(task_names) > 1:
+        raise UserError(f"an ensemble needs prompts of one task; these are for {', '.join(sorted(task_names))}")
+    entry = bank.entries[0]
+    rows, _ = read_split(entry.cfg.task, "validation")
+    if entry.cfg.task.max_eval_rows is not None:
+        rows = rows[: entry.cfg.task.max_eval_rows]
+    base = [example_for(bank, 0, row, f"validation, row {n}") for n, row in enumerate(rows, start=1)]
+    k = len(bank.entries)
+    examples = [example for example in base for _ in range(k)]
+    indices = [index for _ in base for index in range(k)]
+    scores = score_rows(bank, examples, indices, batch_size * k).view(len(base), k, -1)
+    references = [example.label for example in base]
+    metric_names = entry.cfg.task.metrics
+    groups = [row.get(entry.cfg.task.group_field) for row in rows] if entry.cfg.task.group_field else None
+    per_prompt = {
+        name: compute_metrics(metric_names, scores[:, i].argmax(-1).tolist(), references, groups)
+        for i, name in enumerate(bank.names)
+    }
+    votes = scores.argmax(-1)
+    # majority vote; a tie goes to the class with the higher mean log-probability
+    counts = torch.nn.functional.one_hot(votes, scores.shape[-1]).sum(1).float()
+    vote = (counts + 1e-3 * scores.mean(1).softmax(-1)).argmax(-1)
+    mean_log_prob = scores.mean(1).argmax(-1)
+    main = entry.cfg.task.main_metric
+    values = [metrics[main] for metrics in per_prompt.values()]
+    return {
+        "task": entry.cfg.task.name,
+        "model": entry.cfg.model.name,
+        "main_metric": main,
+        "prompts": {name: str(e.run_dir) for name, e in zip(bank.names, bank.entries)},
+        "per_prompt": per_prompt,
+        "mean": sum(values) / len(values),
+        "best": max(values),
+        "vote": compute_metrics(metric_names, vote.tolist(), references, groups),
+        "mean_log_prob": compute_metrics(metric_names, mean_log_prob.tolist(), references, groups),
+        "eval_examples": len(base),
+    }
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="softprompt-predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", nargs="+", metavar="NAME=RUN_DIR", help="prompts to serve, each named")
+    parser.add_argument("--input", type=Path, help="CSV, TSV or JSON lines; each row names its prompt")
+    parser.add_argument("--output", type=Path, help="predictions file (.jsonl), or folder for ensemble.json")
+    parser.add_argument("--prompt-field", default="prompt", help="the input column naming each row's prompt")
+    parser.add_argument("--ensemble", nargs="+", metavar="RUN_DIR", help="runs of one task to ensemble on its validation split")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size={args.batch_size} is not allowed: a number >= 1")
+    if bool(args.ensemble) == bool(args.prompts):
+        raise UserError("give either --prompts NAME=RUN_DIR ... with --input FILE, or --ensemble RUN_DIR ...")
+    if args.ensemble:
+        bank = PromptBank.load({Path(path).name or path: path for path in args.ensemble})
+        result = evaluate_ensemble(bank, args.batch_size)
+        output = args.output or Path(args.ensemble[0]).resolve().parent
+        records.write_json(output / "ensemble.json", result)
+        main_metric = result["main_metric"]
+        print(
+            f"{result['task']} ({len(bank.names)} prompts): mean {result['mean']:.4f}, best {result['best']:.4f}, "
+            f"vote {result['vote'][main_metric]:.4f}, mean log-prob {result['mean_log_prob'][main_metric]:.4f} -> {output / 'ensemble.json'}"
+        )
+        return
+    sources = parse_sources(args.prompts)
+    if args.input is None:
+        raise UserError("--input FILE is required with --prompts")
+    bank = PromptBank.load(sources)
+    output = args.output or args.input.with_name(args.input.stem + ".predictions.jsonl")
+    accuracy = predict_file(bank, args.input, output, args.prompt_field, args.batch_size)
+    summary = ", ".join(f"{name} accuracy {value:.4f}" for name, value in accuracy.items())
+    print(f"wrote {output}" + (f" ({summary})" if summary else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -76,3 +76,12 @@ def test_validate_rejects_values_types_allow():
     cfg = compose_config(["trainer.mixed_precision=fp8"])
     with pytest.raises(UserError, match="trainer.mixed_precision='fp8' is not allowed: one of: no, bf16, fp16"):
         validate(cfg)
+
+
+def test_hydra_flags_are_not_taken_for_overrides():
+    from softprompt.cli import split_argv
+
+    argv = ["--cfg", "job", "a=1", "-i", "plugins", "b=2", "--info", "c=3", "-cd", "/x", "-m", "d=1,2"]
+    assert split_argv(argv) == (["a=1", "b=2", "c=3", "d=1,2"], True)
+    result = run_cli("softprompt.train", "--cfg", "job", "model=tiny-t5")
+    assert result.returncode == 0 and "name: tiny-t5" in result.stdout, result.stderr[-1000:]

@@ -1,8 +1,10 @@
 """Batching: examples to token ids, and token ids to padded tensors laid out for each scorer.
 
 Batches are padded to their own longest row (dynamic padding), never to a fixed length.
-For rank classification every (row, candidate) pair becomes one sequence; at training time
-only the gold candidate's pair is built, since the loss needs nothing else.
+For rank classification every (row, candidate) pair is scored; at training time only the gold
+candidate's pair is built, since the loss needs nothing else. A decoder's training pair is one
+sequence (input then answer); at evaluation each row's input appears once and all of its
+candidates are scored on top of it (the input's keys and values computed once, not per candidate).
 """
 from __future__ import annotations
 
@@ -122,12 +124,22 @@ class Collator:
         batch["pair_row"] = torch.tensor([number for number, _ in pairs])
         batch["pair_choice"] = torch.tensor([choice for _, choice in pairs])
         batch["num_choices"] = torch.tensor(max(len(row.candidate_ids) for row in rows))
-        if self.kind == "decoder":
+        if self.kind == "decoder" and self.scorer == "rank" and self.all_candidates:
+            # evaluation: each row's input once, left-padded; its candidates are scored on top of it
+            batch["input_ids"] = _pad([row.input_ids for row in rows], self.pad, left=True)
+            batch["attention_mask"] = _mask([row.input_ids for row in rows], left=True)
+            batch["answer_ids"] = _pad(targets, self.pad)
+            batch["targets"] = _pad(targets, IGNORE)
+        elif self.kind == "decoder":
             # input and answer in one left-padded sequence: every answer ends at the last position
             sequences = [rows[number].input_ids + target for (number, _), target in zip(pairs, targets)]
             batch["input_ids"] = _pad(sequences, self.pad, left=True)
             batch["attention_mask"] = _mask(sequences, left=True)
             batch["targets"] = _pad(targets, IGNORE, left=True)
+            if self.scorer == "generate" and self.all_candidates:
+                # the inputs alone, for the model to write its answer after them
+                batch["query_ids"] = _pad([row.input_ids for row in rows], self.pad, left=True)
+                batch["query_mask"] = _mask([row.input_ids for row in rows], left=True)
         else:
             batch["input_ids"] = _pad([row.input_ids for row in rows], self.pad)
             batch["attention_mask"] = _mask([row.input_ids for row in rows])

@@ -21,15 +21,24 @@ from softprompt.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 # Hydra's own flags, which take the next argument as their value
-_FLAGS_WITH_VALUE = {"--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--experimental-rerun"}
+_FLAGS_WITH_VALUE = {
+    "--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--experimental-rerun",
+    "--cfg", "-c", "--package", "-p",
+}
+# --info takes an optional value from this list
+_INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], bool]:
     """The overrides in argv (Hydra flags skipped), and whether it asks for a multirun."""
-    overrides, multirun, skip = [], False, False
+    overrides, multirun, skip, after_info = [], False, False, False
     for arg in argv:
-        if skip:
-            skip = False
+        takes_value, skip = skip, False
+        optional_value, after_info = after_info and arg in _INFO_TOPICS, False
+        if takes_value or optional_value:
+            continue
+        if arg in ("-i", "--info"):
+            after_info = True
         elif arg in ("-m", "--multirun"):
             multirun = True
         elif arg in _FLAGS_WITH_VALUE:
@@ -42,7 +51,11 @@ def split_argv(argv: list[str]) -> tuple[list[str], bool]:
 def _unknown_key(key: str) -> str | None:
     """Name the keys that do exist beside an unknown one."""
     parent_path, _, _ = key.rpartition(".")
-    parent = OmegaConf.select(OmegaConf.structured(TrainConfig), parent_path) if parent_path else OmegaConf.structured(TrainConfig)
+    try:
+        parent = OmegaConf.select(OmegaConf.structured(TrainConfig), parent_path) if parent_path else OmegaConf.structured(TrainConfig)
+    except (OmegaConfBaseException, AttributeError):
+        # a key under a group the schema leaves open (task.builtin_size.x): OmegaConf's own message says it
+        return None
     if not isinstance(parent, DictConfig):
         return None
     return f"{key} is not a config key: {parent_path or 'the root'} has: {', '.join(parent.keys())}"
@@ -71,6 +84,10 @@ def compose_config(overrides: list[str], config_name: str = "train", return_hydr
             return compose(config_name=config_name, overrides=overrides, return_hydra_config=return_hydra_config)
     except (HydraException, OmegaConfBaseException) as error:
         raise UserError(_message(error)) from None
+    except (ValueError, AttributeError) as error:
+        # Hydra checks a group choice's type with a bare ValueError (model=0), and OmegaConf fails merging
+        # a mapping into a null one (model.from_config={a: 1}) with an AttributeError
+        raise UserError(f"the overrides could not be applied ({type(error).__name__}: {str(error).splitlines()[0]}): {' '.join(overrides)}") from None
     finally:
         GlobalHydra.instance().clear()
 

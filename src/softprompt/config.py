@@ -10,8 +10,9 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from softprompt.errors import ConfigError
+from softprompt.errors import ConfigError, UserError
 from softprompt.metrics import METRICS
 
 INITS = ("random_uniform", "sampled_vocab", "class_labels", "text", "from_file")
@@ -59,7 +60,7 @@ class TaskConfig:
     data_dir: Optional[str] = None
     # split name -> file, for the user's own CSV / TSV / JSON lines
     data_files: dict[str, Optional[str]] = field(default_factory=dict)
-    # file format: jsonl | csv | tsv | glue_tsv; null guesses from the file extension
+    # file format: jsonl | csv | tsv | superglue_jsonl | glue_tsv; null guesses from the file extension
     format: Optional[str] = None
     # our split name -> name in the source (file stem or hub split)
     splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "validation": "validation"})
@@ -134,6 +135,11 @@ class TrainerConfig:
     log_with: Optional[str] = None
     num_workers: int = 0
     progress_bar: bool = True
+    # write run_dir/checkpoint/ every this many optimiser steps; null: every eval_every steps
+    checkpoint_every: Optional[int] = None
+    # starting an existing run directory: auto resumes from its checkpoint if any, never starts over,
+    # must fails when there is no checkpoint
+    resume: str = "auto"
 
 
 @dataclass
@@ -168,13 +174,17 @@ def _at_least(key: str, value, minimum) -> None:
 def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     """Check every rule a type cannot express, so a mistake fails before anything heavy loads."""
     if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_object(cfg)
+        try:
+            cfg = OmegaConf.to_object(cfg)
+        except OmegaConfBaseException as error:
+            # an interpolation naming no key, or resolving to the wrong type (${nope}, ${oc.env:HOME} for an int)
+            raise UserError(f"{error.full_key}: {str(error).splitlines()[0]}") from None
     model, task, prompt, scorer, trainer = cfg.model, cfg.task, cfg.prompt, cfg.scorer, cfg.trainer
 
     if model.name_or_path is None and model.from_config is None:
         raise ConfigError("model.name_or_path", None, "a zoo name, hub id or local folder (or set model.from_config)")
-    if model.from_config is not None and "model_type" not in model.from_config:
-        raise ConfigError("model.from_config", dict(model.from_config), "a mapping with a model_type key")
+    if model.from_config is not None and (not isinstance(model.from_config, dict) or "model_type" not in model.from_config):
+        raise ConfigError("model.from_config", model.from_config, "a mapping with a model_type key")
     if model.from_config is not None and not model.tokenizer:
         raise ConfigError("model.tokenizer", model.tokenizer, "a zoo name, hub id or folder for a random model's tokenizer")
     if model.kind is not None:
@@ -215,6 +225,9 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if trainer.log_with is not None:
         _one_of("trainer.log_with", trainer.log_with, ("tensorboard",))
     _at_least("trainer.num_workers", trainer.num_workers, 0)
+    if trainer.checkpoint_every is not None:
+        _at_least("trainer.checkpoint_every", trainer.checkpoint_every, 1)
+    _one_of("trainer.resume", trainer.resume, RESUME_MODES)
 
     _at_least("task.max_length", task.max_length, 1)
     for name in task.metrics:

@@ -73,9 +73,15 @@ def build_pipeline(cfg: TrainConfig, splits: tuple[str, ...] = ("train", "valida
 
 
 def make_loader(pipeline: Pipeline, split: str, training: bool, seed: int = 0) -> DataLoader:
-    """Training batches are shuffled from a seeded generator and hold the gold answer only."""
+    """Training batches are shuffled from a seeded generator and hold the gold answer only.
+
+    Evaluation rows go in order of length, so a batch holds rows of similar length and little
+    padding; `predict` puts the results back in split order.
+    """
     cfg = pipeline.cfg
     rows = encode(pipeline.task.examples[split], pipeline.tokenizer, pipeline.backbone.kind, pipeline.scorer, cfg.task.max_length)
+    if not training:
+        rows = sorted(rows, key=lambda row: len(row.input_ids))
     return DataLoader(
         rows,
         batch_size=cfg.trainer.batch_size if training else cfg.trainer.eval_batch_size,
@@ -97,7 +103,7 @@ class Predictions:
 
 @torch.no_grad()
 def predict(model, loader: DataLoader, accelerator: Accelerator, progress: bool = True) -> Predictions:
-    """Score every row once across processes: gather_for_metrics drops the padding of the last batch."""
+    """Score every row once across processes (gather_for_metrics drops the padding of the last batch), in split order."""
     was_training = model.training
     model.eval()
     out = Predictions([], [], [], [])
@@ -107,7 +113,8 @@ def predict(model, loader: DataLoader, accelerator: Accelerator, progress: bool 
         for store, values in zip((out.predictions, out.references, out.indices, out.scores), gathered):
             store.extend(values.tolist())
     model.train(was_training)
-    return out
+    order = sorted(range(len(out.indices)), key=out.indices.__getitem__)
+    return Predictions(*([store[i] for i in order] for store in (out.predictions, out.references, out.indices, out.scores)))
 
 
 def evaluate(model, loader: DataLoader, accelerator: Accelerator, task: Task, progress: bool = True) -> dict[str, float]:

@@ -2,7 +2,9 @@
 
 - `head`: a classification head on an encoder (PEFT's SEQ_CLS layout);
 - `rank`: rank classification for decoder and encoder-decoder LMs (Lester et al.): each
-  candidate answer's log-likelihood given prompt and input; the best-scoring one wins.
+  candidate answer's log-likelihood given prompt and input; the best-scoring one wins;
+- `generate`: the LM writes its answer greedily after prompt and input, and the answer is mapped to
+  the candidate it spells out (trained like `rank`, on the gold answer's tokens).
 
 Every row carries its own prompt (a (batch, length, width) tensor), so rows tuned for different
 tasks can share a batch. Only the logits that are scored are computed: the answer positions
@@ -76,6 +78,8 @@ class PromptedModel(nn.Module):
         prompts = self.row_prompts(rows) if prompts is None else prompts
         if self.scorer == "head":
             return self._head(batch, prompts, heads)
+        if self.scorer == "generate" and not self.training:
+            return match_candidates(batch, self.generate(batch, prompts, max_new_tokens=batch["targets"].shape[1]))
         pair_log_probs = self._decoder(batch, prompts) if self.kind == "decoder" else self._encoder_decoder(batch, prompts)
         return self._rank(batch, pair_log_probs)
 
@@ -106,6 +110,8 @@ class PromptedModel(nn.Module):
 
     def _decoder(self, batch, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         """Layout [prompt][left padding][input][answer]; positions skip the padding, as if it were absent."""
+        if "answer_ids" in batch:
+            return self._decoder_shared_input(batch, prompts)
         inputs, mask = self._prepend(prompts[batch["pair_row"]], batch["input_ids"], batch["attention_mask"])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         targets = batch["targets"]
@@ -117,6 +123,33 @@ class PromptedModel(nn.Module):
             logits_to_keep=answer_length + 1,
             use_cache=False,
         ).logits[:, :-1]
+        return _token_log_probs(logits, targets)
+
+    def _decoder_shared_input(self, batch, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """[prompt][left padding][input] once per row; each candidate then reads that row's cached keys and values.
+
+        The input's last position predicts every candidate's first token, so single-token candidates
+        need no second pass; longer ones are fed (right-padded) on top of their row's cache.
+        """
+        inputs, mask = self._prepend(prompts, batch["input_ids"], batch["attention_mask"])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        targets, pair_row = batch["targets"], batch["pair_row"]
+        longer = targets.shape[1] > 1
+        output = self.backbone(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, logits_to_keep=1, use_cache=longer)
+        logits = output.logits[pair_row]
+        if longer:
+            cache = output.past_key_values
+            cache.batch_select_indices(pair_row)
+            answers = batch["answer_ids"][:, :-1]
+            answer_mask = (targets[:, :-1] != IGNORE).to(mask.dtype)
+            following = self.backbone(
+                input_ids=answers,
+                attention_mask=torch.cat([mask[pair_row], answer_mask], dim=1),
+                position_ids=positions[pair_row, -1:] + 1 + torch.arange(answers.shape[1], device=answers.device),
+                past_key_values=cache,
+                use_cache=False,
+            ).logits
+            logits = torch.cat([logits, following], dim=1)
         return _token_log_probs(logits, targets)
 
     def _encoder_decoder(self, batch, prompts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +166,30 @@ class PromptedModel(nn.Module):
         ).logits
         return _token_log_probs(logits, targets)
 
+    @torch.no_grad()
+    def generate(self, batch: dict[str, torch.Tensor], prompts: torch.Tensor, max_new_tokens: int, use_cache: bool = True) -> torch.Tensor:
+        """Greedy answer tokens (rows, at most max_new_tokens) after each row's prompt and input.
+
+        The backbone's `generate` gets the prompted input embeddings, laid out as the rank scorer lays
+        them out ([prompt][left padding][input] for decoders), so positions skip the padding and a row's
+        answer does not depend on its batch. PEFT's own `generate` would prepend the same prompt, but it
+        drops `position_ids`, which shifts positions in left-padded batches.
+        """
+        decoder = self.kind == "decoder"
+        ids, mask = (batch["query_ids"], batch["query_mask"]) if decoder else (batch["input_ids"], batch["attention_mask"])
+        inputs, mask = self._prepend(prompts, ids, mask)
+        output = self.backbone.generate(
+            inputs_embeds=inputs,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=use_cache,
+            pad_token_id=self.backbone.generation_config.pad_token_id or 0,
+        )
+        # decoders return only the new tokens; encoder-decoders start with the decoder start token
+        return output if decoder else output[:, 1:]
+
     def _rank(self, batch, pair_log_probs: tuple[torch.Tensor, torch.Tensor]) -> ScoreOutput:
         token_log_probs, valid = pair_log_probs
         totals = token_log_probs.sum(-1)
@@ -142,6 +199,21 @@ class PromptedModel(nn.Module):
         table = scores.new_full((rows, int(batch["num_choices"])), float("-inf"))
         table[batch["pair_row"], batch["pair_choice"]] = scores
         return ScoreOutput(loss, table)
+
+
+def match_candidates(batch: dict[str, torch.Tensor], generated: torch.Tensor) -> ScoreOutput:
+    """Map each row's generated tokens to a candidate answer: one the generation starts with (the longest
+    if several); failing that, the one sharing the longest start with it (ties to the first), so every
+    row gets a class. The table holds those match lengths in place of log-probabilities."""
+    targets, valid = batch["targets"], batch["targets"] != IGNORE
+    rows, width = batch["labels"].shape[0], targets.shape[1]
+    table = torch.full((rows, int(batch["num_choices"])), float("-inf"))
+    for pair, (row, choice) in enumerate(zip(batch["pair_row"].tolist(), batch["pair_choice"].tolist())):
+        candidate = targets[pair][valid[pair]].tolist()
+        answer = generated[row].tolist()
+        shared = next((i for i, (a, b) in enumerate(zip(answer, candidate)) if a != b), min(len(answer), len(candidate)))
+        table[row, choice] = shared + (width + 1 if shared == len(candidate) else 0)
+    return ScoreOutput(table.new_zeros(()), table.to(generated.device))
 
 
 def head_module(model: nn.Module) -> nn.Module:

@@ -95,7 +95,9 @@ def initial_prompt(
     if cfg.init == "sampled_vocab":
         return sample_vocab(embedding, backbone.tokenizer, length, cfg.vocab_top_k, generator)
     if cfg.init == "class_labels":
-        labels = torch.stack([embed_tokens(embedding, ids).mean(0) for ids in label_token_ids[:length]])
+        # tasks whose answers are the choices themselves (COPA) have no label words: all vectors are sampled
+        label_vectors = [embed_tokens(embedding, ids).mean(0) for ids in label_token_ids[:length]]
+        labels = torch.stack(label_vectors) if label_vectors else torch.empty(0, width)
         leftover = length - len(labels)
         if leftover == 0:
             return labels

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from omegaconf import OmegaConf
 
 from softprompt import synthetic
 from softprompt.config import TaskConfig
@@ -20,6 +23,21 @@ from softprompt.errors import ConfigError, DataError, UserError
 FIELD = re.compile(r"\{(\w+)\}")
 BUILTINS: dict[str, Callable[[str, int, int], list[dict]]] = {"reviews": synthetic.generate}
 BUILTIN_SIZES = {"train": 2000, "validation": 500, "test": 500}
+# the shared data folder beside the project checkout, used when SOFTPROMPT_DATA is not set
+DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+# GLUE header names that cannot be template fields, as the names the task configs use
+GLUE_COLUMNS = {"Quality": "label", "#1 ID": "id1", "#2 ID": "id2", "#1 String": "sentence1", "#2 String": "sentence2"}
+
+
+def data_root() -> Path:
+    """Where the official task files live: $SOFTPROMPT_DATA, made absolute so it does not depend on later chdirs."""
+    return Path(os.environ.get("SOFTPROMPT_DATA") or DEFAULT_DATA).expanduser().resolve()
+
+
+# `${softprompt_data:superglue/CB}` in conf/task/*.yaml: a task folder under data_root(), absolute, so the
+# defaults work from whatever directory the user runs in; registered on import like sweep's resolver
+if not OmegaConf.has_resolver("softprompt_data"):
+    OmegaConf.register_new_resolver("softprompt_data", lambda sub="": str(data_root() / sub))
 
 
 @dataclass
@@ -86,6 +104,12 @@ class Task:
 
     def build_examples(self, split: str) -> list[Example]:
         origin = self.provenance.get(split, split)
+        if not any(self.cfg.label_field in row for row in self.rows[split]):
+            raise DataError(
+                f"the {split} split has no labels (no row has column {self.cfg.label_field!r}; official test files are "
+                "unlabelled): it cannot train or evaluate, only be predicted with softprompt-predict",
+                origin,
+            )
         return [
             Example(
                 text=self.render(row, f"{origin}, row {number}"),
@@ -126,6 +150,40 @@ def read_delimited(path: Path, delimiter: str) -> list[dict]:
     return rows
 
 
+def read_superglue(path: Path) -> list[dict]:
+    """SuperGLUE jsonl as flat rows: nested fields lifted (WSC's `target` spans), MultiRC one row per answer.
+
+    A MultiRC row becomes passage, question, answer, label and question_idx (the group of its answers,
+    unique within a split), plus passage_idx and the answer's own idx.
+    """
+    rows = []
+    for row in read_jsonl(path):
+        passage = row.get("passage")
+        if isinstance(passage, dict) and "questions" in passage:
+            for question in passage["questions"]:
+                for answer in question["answers"]:
+                    flat = {"passage": passage["text"], "question": question["question"], "answer": answer["text"]}
+                    flat.update(idx=answer["idx"], question_idx=question["idx"], passage_idx=row["idx"])
+                    if "label" in answer:
+                        flat["label"] = answer["label"]
+                    rows.append(flat)
+            continue
+        flat = {key: value for key, value in row.items() if not isinstance(value, dict)}
+        for value in row.values():
+            if isinstance(value, dict):
+                flat.update(value)
+        rows.append(flat)
+    return rows
+
+
+def read_glue(path: Path) -> list[dict]:
+    """GLUE tsv: MRPC's header renamed to template-friendly names, the trailing spaces of SST-2 stripped."""
+    return [
+        {GLUE_COLUMNS.get(key, key): value.strip() if isinstance(value, str) else value for key, value in row.items()}
+        for row in read_delimited(path, "\t")
+    ]
+
+
 def _number_or_text(value: str) -> Any:
     stripped = value.strip()
     if re.fullmatch(r"-?\d+", stripped):
@@ -137,6 +195,8 @@ READERS: dict[str, Callable[[Path], list[dict]]] = {
     "jsonl": read_jsonl,
     "csv": lambda path: read_delimited(path, ","),
     "tsv": lambda path: read_delimited(path, "\t"),
+    "superglue_jsonl": read_superglue,
+    "glue_tsv": read_glue,
 }
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".txt": "tsv"}
 
@@ -164,7 +224,11 @@ def _split_file(cfg: TaskConfig, split: str) -> Path:
     matches = sorted(path for path in folder.iterdir() if path.stem == stem and path.suffix.lower() in EXTENSIONS)
     if not matches:
         present = ", ".join(sorted(path.name for path in folder.iterdir())) or "nothing"
-        raise DataError(f"no {split} file ({stem}.*) in this folder, which holds: {present}", folder)
+        raise DataError(
+            f"no {split} file ({stem}.*) in this folder, which holds: {present} "
+            f"(set task.data_files.{split}=FILE, or task.splits.{split}=STEM to use another file)",
+            folder,
+        )
     return matches[0]
 
 

@@ -1,0 +1,287 @@
+"""softprompt-report: many run directories -> one tidy table, mean +- std over seeds, and figures.
+
+Every run directory found under the given folders is one row, failed and unfinished runs
+included (they are marked, never dropped). Runs that differ only in their seed are grouped;
+any other config key that varies across the runs becomes a column of its own, so runs that
+differ in it are never averaged together. Figures follow Lester et al. (2021) Fig. 3: the main
+metric against model parameters (log x), one line per prompt length and one per initialisation.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from softprompt import run_dir as records  # noqa: E402
+from softprompt.errors import UserError, exit_on_user_error  # noqa: E402
+from softprompt.sweep import NON_RESULT_KEYS  # noqa: E402
+
+RESULTS_CSV = "results.csv"
+SUMMARY_CSV = "summary.csv"
+REPORT_MD = "report.md"
+# the columns of the tidy table, in order; config keys that vary across runs are added after `init`
+COLUMNS = [
+    "run", "model", "parameters", "task", "metric", "prompt_length", "init", "seed",
+    "value", "initial", "best_step", "trainable_params", "train_seconds", "status", "reason",
+]
+# whole numbers (kept as integers in the CSV even where a failed run leaves a gap)
+INTEGER_COLUMNS = ["parameters", "prompt_length", "seed", "best_step", "trainable_params"]
+# config keys the standard columns already show
+SHOWN_KEYS = {"model.name", "model.num_params", "task.name", "task.main_metric", "prompt.length", "prompt.init", "seed"}
+# what each figure draws one line per, and its label
+AXES = {"prompt_length": "prompt length", "init": "initialisation"}
+# columns of a user's reference points file (--reference)
+REFERENCE_COLUMNS = ["task", "parameters", "value", "label"]
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Every run directory at or under the given paths: a folder Hydra wrote a config into."""
+    runs = set()
+    for path in paths:
+        if not path.is_dir():
+            raise UserError(f"{path} is not a directory: give sweep or run directories")
+        runs.update(config.parent.parent for config in path.glob("**/.hydra/config.yaml"))
+    return sorted(runs)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+    return flat
+
+
+def load_run(run_path: Path) -> tuple[dict, dict]:
+    """One run's table row and its flattened config."""
+    config = _flatten(OmegaConf.to_container(OmegaConf.load(run_path / ".hydra" / "config.yaml"), resolve=False))
+    metrics_path = run_path / records.METRICS
+    metrics = records.read_json(metrics_path) if metrics_path.is_file() else {}
+    metric = metrics.get("main_metric", config.get("task.main_metric"))
+    row = {
+        "run": str(run_path),
+        "model": metrics.get("model", config.get("model.name")),
+        "parameters": metrics.get("model_params", config.get("model.num_params")),
+        "task": metrics.get("task", config.get("task.name")),
+        "metric": metric,
+        "prompt_length": config.get("prompt.length"),
+        "init": config.get("prompt.init"),
+        "seed": metrics.get("seed", config.get("seed")),
+        "value": metrics.get("eval", {}).get(metric),
+        "initial": metrics.get("initial_eval", {}).get(metric),
+        "best_step": metrics.get("best_step"),
+        "trainable_params": metrics.get("trainable_params", {}).get("total"),
+        "train_seconds": metrics.get("train_seconds"),
+        # a run with no metrics.json was stopped before training started
+        "status": metrics.get("status", "incomplete"),
+        "reason": metrics.get("reason"),
+    }
+    return row, config
+
+
+def tidy_table(runs: list[Path]) -> pd.DataFrame:
+    """One row per run; config keys that differ between runs of one model and task as extra columns."""
+    loaded = [load_run(run) for run in runs]
+    configs = pd.DataFrame([config for _, config in loaded])
+    ignored = SHOWN_KEYS | set(NON_RESULT_KEYS)
+    # keys set by the model or task choice itself (its hub id, its template) are not extra settings
+    by_choice = configs.astype(str).groupby(["model.name", "task.name"])
+    varying = [key for key in configs.columns if key not in ignored and by_choice[key].nunique(dropna=False).max() > 1]
+    table = pd.DataFrame([row for row, _ in loaded], columns=COLUMNS)
+    # a run that failed before its model loaded has no measured size: take its model's from the others
+    table["parameters"] = table.groupby("model", dropna=False)["parameters"].transform(lambda sizes: sizes.fillna(sizes.max()))
+    table = table.astype({column: "Int64" for column in INTEGER_COLUMNS})
+    for position, key in enumerate(varying, start=COLUMNS.index("init") + 1):
+        table.insert(position, key, configs[key].astype(str))
+    return table.sort_values(["task", "parameters", "model", "prompt_length", "init", *varying, "seed"], kind="stable", ignore_index=True)
+
+
+def varying_keys(frame: pd.DataFrame) -> list[str]:
+    """The extra config-key columns tidy_table added: after `init`, before `seed` (or the summary's `seeds`)."""
+    end = "seed" if "seed" in frame.columns else "seeds"
+    return list(frame.columns[frame.columns.get_loc("init") + 1 : frame.columns.get_loc(end)])
+
+
+def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds of completed runs, for every setting; failures counted."""
+    keys = ["model", "parameters", "task", "metric", "prompt_length", "init", *varying_keys(table)]
+    completed = table["status"] == "completed"
+    grouped = table.assign(
+        done=completed, ok=table["value"].where(completed), ok_initial=table["initial"].where(completed)
+    ).groupby(keys, sort=True, dropna=False)
+    return grouped.agg(
+        seeds=("done", "sum"),
+        not_completed=("done", lambda done: int((~done).sum())),
+        mean=("ok", "mean"),
+        std=("ok", "std"),
+        initial=("ok_initial", "mean"),
+    ).reset_index()
+
+
+def _missing(value) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def _millions(count: float) -> str:
+    return f"{count / 1e6:,.1f}M"
+
+
+def _line_label(row: pd.Series, keys: list[str]) -> str:
+    return ", ".join(f"{AXES.get(key, key)} {row[key]}" for key in keys)
+
+
+def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None, stem: Path) -> list[Path]:
+    """Main metric per setting with std-over-seeds error bars, one panel per task; PNG and SVG."""
+    data = summary[summary["seeds"] > 0]
+    tasks = list(dict.fromkeys(zip(data["task"], data["metric"])))
+    figure, panels = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 4.6), squeeze=False)
+    for panel, (task, metric) in zip(panels[0], tasks):
+        rows = data[(data["task"] == task) & (data["metric"] == metric)]
+        by_size = rows["parameters"].nunique() > 1
+        # across model sizes when there are several (Lester Fig. 3); otherwise along the axis itself
+        x_key, line_keys = ("parameters", [axis]) if by_size else (axis, ["model"])
+        others = ["init" if axis == "prompt_length" else "prompt_length", *varying_keys(summary)]
+        line_keys += [key for key in others if rows[key].nunique() > 1]
+        categorical = x_key == "init"
+        positions = {value: index for index, value in enumerate(sorted(rows[x_key].unique(), key=str))}
+        annotate = len(rows) <= 16
+        for _, line in rows.groupby(line_keys, sort=True):
+            line = line.sort_values(x_key)
+            xs = [positions[value] for value in line[x_key]] if categorical else line[x_key].astype(float)
+            panel.errorbar(xs, line["mean"], yerr=line["std"].fillna(0), marker="o", capsize=4, label=_line_label(line.iloc[0], line_keys))
+            if annotate:
+                for x, y in zip(xs, line["mean"]):
+                    panel.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        if reference is not None and by_size:
+            points = reference[reference["task"].isin([task, "*"])]
+            for label, group in points.groupby("label", sort=False):
+                panel.plot(group["parameters"], group["value"], linestyle="--", marker="s", fillstyle="none", color="grey", label=label)
+        if categorical:
+            panel.set_xticks(list(positions.values()), list(positions))
+        else:
+            # log x, ticked at the measured points: model sizes (with names) or prompt lengths
+            panel.set_xscale("log")
+            panel.minorticks_off()
+            ticks = rows.drop_duplicates(x_key).sort_values(x_key)
+            labels = [f"{_millions(size)}\n{model}" for size, model in zip(ticks["parameters"], ticks["model"])] if by_size else ticks[x_key]
+            panel.set_xticks(ticks[x_key].astype(float).tolist(), [str(label) for label in labels])
+        panel.set_xlabel({"parameters": "model parameters", **AXES}[x_key])
+        panel.set_ylabel(f"{metric} (mean ± std over seeds)")
+        panel.set_title(f"{task}: {metric} by {AXES[axis]}" + ("" if by_size else f" ({', '.join(map(str, rows['model'].unique()))})"))
+        panel.grid(True, which="both", alpha=0.3)
+        panel.legend(fontsize=8)
+    figure.tight_layout()
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    # SVG text stays text, so numbers and labels can be searched and edited for a paper
+    with plt.rc_context({"svg.fonttype": "none"}):
+        for path in paths:
+            figure.savefig(path, dpi=150)
+    plt.close(figure)
+    return paths
+
+
+def read_reference(path: Path) -> pd.DataFrame:
+    """Reference points to overlay: CSV with columns task (or * for every task), parameters, value, label."""
+    try:
+        reference = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError) as error:
+        raise UserError(f"--reference {path}: cannot be read as CSV ({error})") from None
+    missing = [column for column in REFERENCE_COLUMNS if column not in reference.columns]
+    if missing:
+        raise UserError(f"--reference {path}: missing column(s) {', '.join(missing)}; needs {', '.join(REFERENCE_COLUMNS)}")
+    return reference
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    """A Markdown table with numbers written for reading: metrics to 4 places, counts with separators."""
+    def cell(column: str, value) -> str:
+        if _missing(value):
+            return ""
+        if column == "parameters":
+            return _millions(value)
+        if column in ("value", "initial", "mean", "std"):
+            return f"{value:.4f}"
+        if column == "train_seconds":
+            return f"{value:.1f}"
+        return f"{value:,}" if isinstance(value, int) or column in INTEGER_COLUMNS else str(value)
+
+    shown = pd.DataFrame({column: [cell(column, value) for value in frame[column]] for column in frame.columns})
+    return shown.to_markdown(index=False, disable_numparse=True)
+
+
+def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = None) -> dict[str, Path]:
+    """Write results.csv, summary.csv, figures and report.md into `out`; returns what was written."""
+    runs = find_runs(paths)
+    if not runs:
+        raise UserError(f"no run directories (folders with .hydra/config.yaml) under {', '.join(map(str, paths))}")
+    out.mkdir(parents=True, exist_ok=True)
+    table = tidy_table(runs)
+    table["run"] = [str(Path(run).relative_to(out)) if Path(run).is_relative_to(out) else run for run in table["run"]]
+    summary = summarise(table)
+    written = {"results": out / RESULTS_CSV, "summary": out / SUMMARY_CSV, "markdown": out / REPORT_MD}
+    table.to_csv(written["results"], index=False)
+    summary.to_csv(written["summary"], index=False)
+
+    varying_axes = [axis for axis in AXES if summary.loc[summary["seeds"] > 0, axis].nunique() > 1]
+    figures = []
+    if (summary["seeds"] > 0).any():
+        for axis in varying_axes or ["prompt_length"]:
+            figures += draw_figure(summary, axis, reference, out / f"by_{axis}")
+
+    counts = table["status"].value_counts()
+    spread = [
+        "" if _missing(mean) else f"{mean:.4f}" + ("" if _missing(std) else f" ± {std:.4f}") for mean, std in zip(summary["mean"], summary["std"])
+    ]
+    shown = summary.drop(columns=["mean", "std", "initial"]).assign(**{"mean ± std": spread, "initial": summary["initial"]})
+    lines = [
+        "# softprompt report",
+        "",
+        f"{len(table)} runs from {', '.join(map(str, paths))}: "
+        + ", ".join(f"{count} {status}" for status, count in counts.items())
+        + ". The metric is each run's best evaluation on the validation split; `initial` is step 0.",
+        "",
+        "## Mean ± std over seeds",
+        "",
+        _markdown(shown),
+        "",
+    ]
+    if figures:
+        lines += ["## Figures", ""] + [f"![{path.stem}]({path.name})" for path in figures if path.suffix == ".png"] + [""]
+    failed = table[table["status"] != "completed"]
+    if len(failed):
+        lines += ["## Runs that did not complete", ""]
+        lines += [f"- `{row.run}`: **{row.status}**" + (f": {row.reason}" if isinstance(row.reason, str) else "") for row in failed.itertuples()]
+        lines.append("")
+    lines += ["## Runs", "", _markdown(table.drop(columns=["reason"])), ""]
+    written["markdown"].write_text("\n".join(lines), encoding="utf-8")
+    written.update({path.name: path for path in figures})
+    return written
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="softprompt-report", description=__doc__.splitlines()[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="sweep or run directories (searched recursively)")
+    parser.add_argument("--out", type=Path, help="where the report goes (default: the directory, when only one is given)")
+    parser.add_argument("--reference", type=Path, help="CSV of reference points to overlay: " + ", ".join(REFERENCE_COLUMNS))
+    args = parser.parse_args(argv)
+    if args.out is None and len(args.dirs) > 1:
+        raise UserError("--out is required when more than one directory is given")
+    reference = read_reference(args.reference) if args.reference else None
+    written = write_report(args.dirs, args.out or args.dirs[0], reference)
+    for name in ("markdown", "results", "summary"):
+        print(f"{name}: {written[name]}")
+    print("figures: " + ", ".join(str(path) for key, path in written.items() if key not in ("markdown", "results", "summary")))
+
+
+if __name__ == "__main__":
+    main()

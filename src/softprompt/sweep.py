@@ -1,0 +1,91 @@
+"""Resumable sweeps: every job is keyed by a hash of its resolved config, so a rerun finds its results.
+
+Hydra multirun cannot resume on its own. The sweep directory is fixed per experiment (no
+timestamp) and each job's folder is named after its config key, so running the same command
+again lands every job in the folder of its earlier run: a job whose `metrics.json` says
+`completed` with the same key is skipped, an incomplete or failed one trains again. When the
+multirun ends, `ReportCallback` writes the report into the sweep directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from softprompt import run_dir as records
+
+log = logging.getLogger("softprompt")
+
+# keys that only say where outputs go, how progress is shown or how often a run checkpoints: they
+# never change a result
+NON_RESULT_KEYS = (
+    "output_root",
+    "trainer.progress_bar",
+    "trainer.log_every",
+    "trainer.log_with",
+    "trainer.num_workers",
+    "trainer.checkpoint_every",
+    "trainer.resume",
+)
+KEY_FIELD = "config_key"
+KEY_LENGTH = 10
+
+
+def _result_config(cfg: DictConfig) -> dict:
+    """The resolved config without Hydra's node and without the keys that cannot change a result."""
+    tree = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]), resolve=True)
+    for dotted in NON_RESULT_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for parent in parents:
+            node = node.get(parent, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return tree
+
+
+def config_key(cfg: DictConfig) -> str:
+    """A short stable hash of everything in a job's config that can change its results."""
+    text = json.dumps(_result_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def job_name(cfg: DictConfig) -> str:
+    """A readable folder name for one job that ends in its config key."""
+    parts = [cfg.model.name, cfg.task.name, f"len{cfg.prompt.length}", cfg.prompt.init, f"seed{cfg.seed}", config_key(cfg)]
+    return "_".join(re.sub(r"[^\w.-]+", "-", str(part)) for part in parts)
+
+
+def completed_record(run_path: Path, key: str) -> dict[str, Any] | None:
+    """The earlier run's metrics when it completed with this very config, else None (train again)."""
+    if records.status(run_path) != "completed":
+        return None
+    record = records.read_json(run_path / records.METRICS)
+    return record if record.get(KEY_FIELD) == key else None
+
+
+def _resolve_job_name(*, _root_: DictConfig) -> str:
+    return job_name(_root_)
+
+
+# `${softprompt_job:}` names a sweep job's folder (hydra.sweep.subdir in conf/train.yaml); registered on
+# import, so every process that runs jobs (the local launcher's or a SLURM worker) knows it
+if not OmegaConf.has_resolver("softprompt_job"):
+    OmegaConf.register_new_resolver("softprompt_job", _resolve_job_name)
+
+
+class ReportCallback(Callback):
+    """Write the report (tables and figures) into the sweep directory once every job has ended."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from softprompt.report import write_report
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        written = write_report([sweep_dir], sweep_dir)
+        print(f"report: {written['markdown']}")

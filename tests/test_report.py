@@ -1,0 +1,118 @@
+"""softprompt-report on hand-made run directories: the table, mean +- std over seeds, failures, figures."""
+from __future__ import annotations
+
+import statistics
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import run_cli
+from softprompt import run_dir as records
+from softprompt.cli import compose_config
+from softprompt.report import write_report
+
+# (model, parameters, prompt length, seed) -> accuracy
+ACCURACY = {
+    ("minilm-l6", 22_713_216, 1, 0): 0.70,
+    ("minilm-l6", 22_713_216, 1, 1): 0.74,
+    ("minilm-l6", 22_713_216, 20, 0): 0.80,
+    ("minilm-l6", 22_713_216, 20, 1): 0.84,
+    ("mpnet-base", 109_486_464, 1, 0): 0.81,
+    ("mpnet-base", 109_486_464, 1, 1): 0.85,
+    ("mpnet-base", 109_486_464, 20, 0): 0.90,
+    ("mpnet-base", 109_486_464, 20, 1): 0.94,
+}
+
+
+def make_run(root, name: str, overrides: list[str], metrics: dict | None):
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(compose_config(overrides), run / ".hydra" / "config.yaml")
+    if metrics is not None:
+        records.write_json(run / records.METRICS, metrics)
+    return run
+
+
+def completed(model: str, params: int, length: int, seed: int, value: float) -> dict:
+    return {
+        "status": "completed", "model": model, "model_params": params, "task": "reviews", "main_metric": "accuracy",
+        "eval": {"accuracy": value}, "initial_eval": {"accuracy": 0.5}, "best_step": 100, "seed": seed,
+        "trainable_params": {"prompt": length * 384, "head": 770, "total": length * 384 + 770}, "train_seconds": 12.5,
+    }
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """Two models x two prompt lengths x two seeds, plus one failed and one never-finished run."""
+    for (model, params, length, seed), value in ACCURACY.items():
+        make_run(tmp_path, f"{model}_{length}_{seed}", [f"model={model}", f"prompt.length={length}", f"seed={seed}"], completed(model, params, length, seed, value))
+    make_run(tmp_path, "failed", ["model=mpnet-base", "prompt.length=20", "seed=2"], {"status": "failed", "reason": "out of memory"})
+    make_run(tmp_path, "killed", ["model=minilm-l6", "prompt.length=20", "seed=2"], None)
+    return tmp_path
+
+
+def test_table_summary_and_failures(sweep):
+    written = write_report([sweep], sweep)
+    table = pd.read_csv(written["results"])
+    assert len(table) == len(ACCURACY) + 2
+    assert list(table.columns[:8]) == ["run", "model", "parameters", "task", "metric", "prompt_length", "init", "seed"]
+    assert dict(zip(table["run"], table["status"]))["failed"] == "failed"
+    assert dict(zip(table["run"], table["status"]))["killed"] == "incomplete"
+    # a run that never loaded its model still gets the model's size from the runs that did
+    assert table.set_index("run").loc["failed", "parameters"] == 109_486_464
+
+    summary = pd.read_csv(written["summary"]).set_index(["model", "prompt_length"])
+    row = summary.loc[("mpnet-base", 20)]
+    assert row["mean"] == pytest.approx(0.92) and row["std"] == pytest.approx(statistics.stdev([0.90, 0.94]))
+    assert row["seeds"] == 2 and row["not_completed"] == 1
+    assert summary.loc[("minilm-l6", 1), "mean"] == pytest.approx(0.72)
+
+    report = written["markdown"].read_text()
+    assert "| mpnet-base" in report and "0.9200 ± 0.0283" in report
+    assert "`failed`: **failed**: out of memory" in report and "`killed`: **incomplete**" in report
+
+
+def test_figures_draw_the_means_against_model_size(sweep):
+    written = write_report([sweep], sweep)
+    assert (sweep / "by_prompt_length.png").stat().st_size > 10_000
+    svg = (sweep / "by_prompt_length.svg").read_text()
+    # one line per prompt length over the two model sizes, each point labelled with its mean
+    for text in ("prompt length 1", "prompt length 20", "0.720", "0.820", "0.830", "0.920", "109.5M", "22.7M", "model parameters"):
+        assert text in svg, text
+    assert not (sweep / "by_init.png").exists(), "a figure per initialisation only when the sweep varies it"
+    assert "![by_prompt_length](by_prompt_length.png)" in written["markdown"].read_text()
+
+
+def test_runs_differing_in_another_key_are_never_averaged(tmp_path):
+    for steps, value in ((50, 0.6), (200, 0.9)):
+        overrides = ["model=minilm-l6", "prompt.length=5", f"trainer.max_steps={steps}"]
+        make_run(tmp_path, f"steps{steps}", overrides, completed("minilm-l6", 22_713_216, 5, 0, value))
+    written = write_report([tmp_path], tmp_path)
+    summary = pd.read_csv(written["summary"])
+    assert sorted(summary["mean"]) == [0.6, 0.9] and set(summary["seeds"]) == {1}
+    assert "trainer.max_steps" in pd.read_csv(written["results"]).columns
+
+
+def test_reference_points_are_overlaid_with_their_label(sweep, tmp_path):
+    reference = tmp_path / "reference.csv"
+    reference.write_text("task,parameters,value,label\n*,30000000,0.75,approximate readings of a paper figure\n")
+    out = tmp_path / "report"
+    result = run_cli("softprompt.report", str(sweep), "--out", str(out), "--reference", str(reference))
+    assert result.returncode == 0, result.stderr
+    assert "approximate readings of a paper figure" in (out / "by_prompt_length.svg").read_text()
+    assert (out / "results.csv").is_file() and f"markdown: {out / 'report.md'}" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["/no/such/dir"], "/no/such/dir is not a directory"),
+        (["{tmp}", "{tmp}"], "--out is required when more than one directory is given"),
+        (["{tmp}"], "no run directories"),
+    ],
+)
+def test_mistakes_give_one_line_and_exit_2(tmp_path, args, message):
+    result = run_cli("softprompt.report", *[arg.format(tmp=tmp_path) for arg in args])
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,7 +1,7 @@
 """Run directory records: written atomically, so a directory is either complete or says it is not.
 
 `metrics.json` always carries `status`: `running` while training, then `completed`, or
-`failed` with a `reason`. Readers (reports, sweep resumption) trust only `completed`.
+`failed` or `preempted` with a `reason`. Readers (reports, sweep resumption) trust only `completed`.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def mark(run_dir: Path, status: str, **fields: Any) -> dict:
     path = run_dir / METRICS
     record = read_json(path) if path.is_file() else {}
     record.update(fields, status=status)
-    if status != "failed":
+    if status in ("running", "completed"):
         record.pop("reason", None)
     write_json(path, record)
     return record

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -23,10 +27,13 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
+from softprompt import checkpoint
 from softprompt import run_dir as records
-from softprompt.cli import CONF_DIR, compose_or_exit
+from softprompt import sweep
+from softprompt.cli import CONF_DIR, compose_config, compose_or_exit, job_overrides, split_argv
 from softprompt.config import TrainConfig, TrainerConfig, register_configs, validate
-from softprompt.errors import UserError, exit_on_user_error
+from softprompt.distributed import check_launch
+from softprompt.errors import ConfigError, UserError, exit_on_user_error
 from softprompt.pipeline import build_pipeline, evaluate, make_loader
 from softprompt.scorer import PromptedModel
 from softprompt.soft_prompt import attach_prompt, trainable_counts
@@ -55,8 +62,99 @@ def save_prompt(accelerator: Accelerator, model: PromptedModel, run_path: Path) 
     records.replace_dir(build, run_path / records.PROMPT_DIR)
 
 
+# a preempted run exits with 128 + the signal's number, as a shell reports a process that signal ended
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+class Preemption:
+    """SIGTERM (what a cluster scheduler sends) and SIGUSR2 (submitit's preemption signal) become a
+    flag the loop checks between steps: it then writes a checkpoint and `exit` ends the process.
+
+    A handler installed before ours (submitit's requeue) is called on the way out, so a requeued
+    job starts the same run directory again and resumes from that checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "Preemption":
+        if threading.current_thread() is threading.main_thread():
+            for signum in PREEMPTION_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._catch)
+        return self
+
+    def _catch(self, signum: int, frame: object) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        """Whether any process was signalled: every process must stop at the same step."""
+        flag = self.signum is not None
+        if accelerator.num_processes == 1:
+            return flag
+        return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum").item() > 0
+
+    def exit(self) -> NoReturn:
+        signum = self.signum or signal.SIGTERM
+        previous = self._previous.get(signum)
+        if callable(previous):
+            previous(signum, None)
+        sys.exit(128 + signum)
+
+
+def _divergence(loss: float, grad_norm: torch.Tensor | None, cfg: TrainerConfig, step: int, best_step: int) -> str | None:
+    """Why this update must not be applied, if it must not: checked before optimizer.step, so the prompt stays finite.
+
+    Under fp16 an infinite gradient is the loss scaler's business (it skips the step), not a divergence.
+    """
+    if not math.isfinite(loss):
+        what = f"the loss became {loss}"
+    elif grad_norm is not None and not torch.isfinite(grad_norm) and cfg.mixed_precision != "fp16":
+        what = f"the gradient norm became {grad_norm.item()}"
+    else:
+        return None
+    return f"{what} at step {step} (trainer.lr={cfg.lr}); training stopped before that update, prompt/ keeps the best prompt (step {best_step})"
+
+
+def _start_over(run_path: Path) -> None:
+    """No checkpoint to resume from: drop what an earlier attempt left, so no stale record survives."""
+    for name in (checkpoint.CHECKPOINT_DIR, records.PROMPT_DIR):
+        shutil.rmtree(run_path / name, ignore_errors=True)
+    (run_path / records.TRAIN_LOG).unlink(missing_ok=True)
+    metrics = run_path / records.METRICS
+    if metrics.is_file():
+        kept = {key: value for key, value in records.read_json(metrics).items() if key == sweep.KEY_FIELD}
+        records.write_json(metrics, {**kept, "status": "running"})
+
+
 def train(cfg: TrainConfig, run_path: Path) -> dict:
-    """One tuning run, end to end; returns the final metrics record."""
+    """One tuning run, end to end; returns the final metrics record.
+
+    With a checkpoint in `run_path` (trainer.resume auto or must) the run continues exactly where
+    it stopped; one that completed earlier with this config returns its record without training.
+    SIGTERM/SIGUSR2 end it with a checkpoint, status `preempted` and exit status 128 + signal; a
+    non-finite loss ends it as `failed` (a UserError); any other exception marks it `failed` too.
+    """
+    snapshot = checkpoint.find(run_path, cfg)
+    if snapshot is not None and snapshot.progress.result is not None:
+        log.info("%s completed earlier with this config: nothing to train", run_path)
+        if PartialState().is_main_process:
+            records.mark(run_path, "completed", **snapshot.progress.result)
+        return snapshot.progress.result
+    with Preemption() as preemption:
+        try:
+            return _train(cfg, run_path, snapshot, preemption)
+        except Exception as error:
+            if not isinstance(error, UserError) and PartialState().is_main_process and records.status(run_path) == "running":
+                records.mark(run_path, "failed", reason=f"{type(error).__name__}: {error}")
+            raise
+
+
+def _train(cfg: TrainConfig, run_path: Path, snapshot: checkpoint.Snapshot | None, preemption: Preemption) -> dict:
     accelerator = Accelerator(
         mixed_precision=cfg.trainer.mixed_precision,
         gradient_accumulation_steps=cfg.trainer.grad_accum,
@@ -70,107 +168,153 @@ def train(cfg: TrainConfig, run_path: Path) -> dict:
     counts = trainable_counts(peft_model)
     model = PromptedModel(peft_model, backbone.kind, scorer, cfg.scorer.reduction)
     train_loader = make_loader(pipeline, "train", training=True, seed=cfg.seed)
+    # the shuffle's generator: its state at an epoch's start fixes that epoch's order
+    data_order = train_loader.generator
     eval_loader = make_loader(pipeline, "validation", training=False)
     optimizer = make_optimizer(cfg.trainer, [p for p in model.parameters() if p.requires_grad])
     scheduler = make_scheduler(cfg.trainer, optimizer)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    main = accelerator.is_main_process
 
+    if snapshot is None:
+        progress = checkpoint.Progress()
+        if main:
+            _start_over(run_path)
+    else:
+        progress = snapshot.progress
+        checkpoint.restore(snapshot, run_path, accelerator.unwrap_model(model), optimizer, scheduler, data_order, main)
+        accelerator.step = progress.accelerator_step
     env = records.environment(
         accelerator.num_processes, str(accelerator.device), cfg.trainer.batch_size, cfg.trainer.grad_accum, cfg.seed
     )
-    if accelerator.is_main_process:
+    identity = {"model": backbone.name, "model_params": backbone.num_params, "task": task.name, "scorer": scorer}
+    if main:
         records.write_json(run_path / records.ENV, env)
         records.write_json(run_path / "task.json", {"name": task.name, "splits": task.provenance, "counts": {s: len(r) for s, r in task.rows.items()}})
-        (run_path / records.TRAIN_LOG).unlink(missing_ok=True)
-        records.mark(run_path, "running", model=backbone.name, model_params=backbone.num_params, task=task.name, scorer=scorer)
+        records.mark(run_path, "running", **identity)
     if cfg.trainer.log_with:
         accelerator.init_trackers("softprompt", config=_flat(OmegaConf.to_container(OmegaConf.structured(cfg))))
 
     main_metric = cfg.task.main_metric
-    initial = evaluate(model, eval_loader, accelerator, task, cfg.trainer.progress_bar)
-    best, best_step, stale = initial, 0, 0
-    save_prompt(accelerator, model, run_path)
-    log.info("step 0: %s", _describe(initial))
+    if snapshot is None:
+        progress.initial = progress.best = evaluate(model, eval_loader, accelerator, task, cfg.trainer.progress_bar)
+        save_prompt(accelerator, model, run_path)
+        log.info("step 0: %s", _describe(progress.initial))
+    else:
+        log.info("resumed from %s at step %d", snapshot.folder, progress.step)
 
-    step, samples, started = 0, 0, time.perf_counter()
-    window_samples, window_batches, window_start, running_loss = 0, 0, started, 0.0
-    bar = tqdm(total=cfg.trainer.max_steps, desc="train", disable=not accelerator.is_main_process or not cfg.trainer.progress_bar)
+    def save_checkpoint() -> None:
+        progress.seconds = time.perf_counter() - started
+        progress.accelerator_step = accelerator.step
+        log_path = run_path / records.TRAIN_LOG
+        progress.log_bytes = log_path.stat().st_size if log_path.is_file() else 0
+        if main:
+            checkpoint.save(run_path, cfg, progress, accelerator.unwrap_model(model), optimizer, scheduler, epoch_data_state)
+
+    checkpoint_every = cfg.trainer.checkpoint_every or cfg.trainer.eval_every
+    last_step = cfg.trainer.max_steps
+    started = time.perf_counter() - progress.seconds
+    window_start = time.perf_counter()
+    bar = tqdm(total=last_step, initial=progress.step, desc="train", disable=not main or not cfg.trainer.progress_bar)
     model.train()
-    failure = None
-    while step < cfg.trainer.max_steps and failure is None:
-        for batch in train_loader:
+    done, failure, preempted = progress.step >= last_step, None, False
+    epoch_data_state = data_order.get_state()
+    while not (done or failure or preempted):
+        epoch_data_state = data_order.get_state()
+        # a resumed epoch replays the same shuffle and skips the batches already trained on
+        loader = accelerator.skip_first_batches(train_loader, progress.batches_in_epoch) if progress.batches_in_epoch else train_loader
+        for batch in loader:
             with accelerator.accumulate(model):
                 loss = model(batch).loss
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.trainer.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.trainer.max_grad_norm)
+                loss_value = accelerator.reduce(loss.detach(), "mean").item()
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.trainer.max_grad_norm or math.inf)
+                failure = _divergence(loss_value, grad_norm, cfg.trainer, progress.step + 1, progress.best_step)
+                if failure:
+                    break
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
+            progress.batches_in_epoch += 1
             rows = batch["labels"].shape[0] * accelerator.num_processes
-            samples += rows
-            window_samples += rows
-            running_loss += accelerator.reduce(loss.detach(), "mean").item()
-            window_batches += 1
+            progress.samples += rows
+            progress.window_samples += rows
+            progress.window_loss += loss_value
+            progress.window_batches += 1
             if not accelerator.sync_gradients:
                 continue
-            step += 1
+            progress.step += 1
             bar.update(1)
-            if not math.isfinite(running_loss):
-                failure = f"the loss became {running_loss} at step {step}; the last good prompt (step {best_step}) is kept"
-                break
-            if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
+            if progress.step % cfg.trainer.log_every == 0 or progress.step == last_step:
                 now = time.perf_counter()
                 entry = {
-                    "step": step,
-                    "loss": round(running_loss / window_batches, 6),
+                    "step": progress.step,
+                    "loss": round(progress.window_loss / progress.window_batches, 6),
                     "lr": scheduler.get_last_lr()[0],
-                    "samples_per_second": round(window_samples / max(now - window_start, 1e-9), 2),
+                    "samples_per_second": round(progress.window_samples / max(now - window_start, 1e-9), 2),
                 }
                 bar.set_postfix(loss=entry["loss"])
-                if accelerator.is_main_process:
+                if main:
                     records.append_log(run_path, entry)
-                accelerator.log({"train/loss": entry["loss"], "train/lr": entry["lr"]}, step=step)
-                window_samples, window_batches, window_start, running_loss = 0, 0, now, 0.0
-            if step % cfg.trainer.eval_every == 0 or step == cfg.trainer.max_steps:
+                accelerator.log({"train/loss": entry["loss"], "train/lr": entry["lr"]}, step=progress.step)
+                progress.window_samples, progress.window_batches, progress.window_loss, window_start = 0, 0, 0.0, now
+            if progress.step % cfg.trainer.eval_every == 0 or progress.step == last_step:
                 current = evaluate(model, eval_loader, accelerator, task, cfg.trainer.progress_bar)
-                accelerator.log({f"eval/{key}": value for key, value in current.items()}, step=step)
-                log.info("step %d: %s", step, _describe(current))
-                if current[main_metric] > best[main_metric]:
-                    best, best_step, stale = current, step, 0
+                accelerator.log({f"eval/{key}": value for key, value in current.items()}, step=progress.step)
+                log.info("step %d: %s", progress.step, _describe(current))
+                if current[main_metric] > progress.best[main_metric]:
+                    progress.best, progress.best_step, progress.stale = current, progress.step, 0
                     save_prompt(accelerator, model, run_path)
                 else:
-                    stale += 1
-                if cfg.trainer.early_stopping_patience and stale >= cfg.trainer.early_stopping_patience:
-                    log.info("early stop at step %d: no gain in %s for %d evaluations", step, main_metric, stale)
-                    cfg.trainer.max_steps = step
-            if step >= cfg.trainer.max_steps:
+                    progress.stale += 1
+                if cfg.trainer.early_stopping_patience and progress.stale >= cfg.trainer.early_stopping_patience:
+                    log.info("early stop at step %d: no gain in %s for %d evaluations", progress.step, main_metric, progress.stale)
+                    last_step = progress.step
+            done = progress.step >= last_step
+            preempted = preemption.requested(accelerator)
+            if preempted or (not done and progress.step % checkpoint_every == 0):
+                save_checkpoint()
+            if done or preempted:
                 break
+        else:
+            progress.epoch += 1
+            progress.batches_in_epoch = 0
     bar.close()
     seconds = time.perf_counter() - started
     accelerator.end_training()
 
+    if preempted:
+        reason = f"stopped by {signal.Signals(preemption.signum or signal.SIGTERM).name} at step {progress.step}; start the same run again to resume from its checkpoint"
+        if main:
+            records.mark(run_path, "preempted", reason=reason)
+        log.warning(reason)
+        preemption.exit()
     result = {
-        "eval": best,
-        "initial_eval": initial,
+        **identity,
+        "eval": progress.best,
+        "initial_eval": progress.initial,
         "main_metric": main_metric,
         "eval_examples": len(task.examples["validation"]),
-        "best_step": best_step,
-        "steps": step,
+        "best_step": progress.best_step,
+        "steps": progress.step,
         "trainable_params": counts,
         "train_seconds": round(seconds, 3),
-        "train_samples_per_second": round(samples / seconds, 3) if seconds > 0 else 0.0,
+        "train_samples_per_second": round(progress.samples / seconds, 3) if seconds > 0 else 0.0,
         "seed": cfg.seed,
     }
-    if accelerator.is_main_process:
-        if failure:
-            records.mark(run_path, "failed", reason=failure, **result)
-        else:
-            records.mark(run_path, "completed", **result)
     if failure:
+        if main:
+            records.mark(run_path, "failed", reason=failure, **result)
         raise UserError(failure)
+    progress.result = result
+    save_checkpoint()
+    if main:
+        records.mark(run_path, "completed", **result)
     return result
 
 
@@ -188,6 +332,22 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def check_output_dir(argv: list[str]) -> None:
+    """Hydra creates the run directory before any of our code runs: a path it cannot create is a one-line error here."""
+    overrides, multirun = split_argv(argv)
+    hydra_overrides = [item for item in overrides if item not in job_overrides(overrides, False)[0]]
+    first_job = job_overrides(overrides, multirun)[0]
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    path = Path(OmegaConf.select(compose_config(first_job + hydra_overrides, return_hydra_config=True), key))
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(key, str(path), f"a folder that can be created ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(key, str(path), f"a folder that can be created ({existing} is not writable)")
+
+
 def summary(result: dict, run_path: Path) -> str:
     metric = result["main_metric"]
     counts = result["trainable_params"]
@@ -202,30 +362,47 @@ def summary(result: dict, run_path: Path) -> str:
 def hydra_main(raw: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_path = Path(hydra_cfg.runtime.output_dir)
+    key = sweep.config_key(raw)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    done = sweep.completed_record(run_path, key) if multirun else None
+    if done:
+        # a rerun of the same sweep: this job's results are already here
+        print(f"skipped, completed earlier with the same config: {run_path}")
+        return done["eval"][done["main_metric"]]
     fresh = records.status(run_path) is None
+    # under a multi-process launch every rank runs this function; one writes the record and speaks
+    main_process = PartialState().is_main_process
     try:
         cfg = validate(raw)
+        if main_process:
+            records.mark(run_path, "running", **{sweep.KEY_FIELD: key})
         result = train(cfg, run_path)
     except UserError as error:
+        if not main_process:
+            sys.exit(2)
         print(f"error: {error}", file=sys.stderr)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        if multirun:
             # one bad job of a sweep is recorded as failed; the other jobs go on
-            records.mark(run_path, "failed", reason=str(error))
+            records.mark(run_path, "failed", reason=str(error), **{sweep.KEY_FIELD: key})
             return None
-        if fresh:
+        # a run that failed while training (divergence) recorded it and keeps its directory
+        if fresh and records.status(run_path) != "failed":
             logging.shutdown()
             shutil.rmtree(run_path, ignore_errors=True)
         else:
             records.mark(run_path, "failed", reason=str(error))
         sys.exit(2)
-    print(summary(result, run_path))
+    if main_process:
+        print(summary(result, run_path))
     return result["eval"][result["main_metric"]]
 
 
 @exit_on_user_error
 def main() -> None:
     register_configs()
+    check_launch(sys.argv[1:])
     compose_or_exit(sys.argv[1:])
+    check_output_dir(sys.argv[1:])
     hydra_main()
 
 

@@ -1,0 +1,460 @@
+"""Benchmark the training loop against its physical limit and against the reference recipe.
+
+    python scripts/bench.py                       # full: about 10 minutes on 2 CPU cores
+    python scripts/bench.py --quick --json b.json # reduced: under 2 minutes
+
+Per model (minilm-l6 with a head; smollm2-135m and a randomly initialised T5 of t5.1.1-small shape
+with rank classification), on batches drawn from real tasks (SST-2, RTE from $SOFTPROMPT_DATA):
+
+1. step_over_forward: a training step (forward, backward, clipping, AdamW step) over an inference
+   forward (eval mode, no grad) of the same batches; backward through frozen weights computes only
+   input gradients, so about 2 is the limit;
+2. throughput_vs_reference: steady-state samples/s of softprompt's own `train` over the reference
+   recipe (scripts/reference_recipe.py: PEFT + HF Trainer), same rows, batch, steps, starting prompt;
+   both tuned prompts are then scored by the same evaluation on the dev rows;
+3. train_memory_over_inference: peak resident memory of a training step over that of an inference
+   forward, each in a fresh process (model, batch, peak of the step); the activation-only ratio
+   (peak minus the memory held before the step) is printed beside it;
+4. rank_eval_speedup: evaluation throughput of the rank scorer over the naive way (one forward per
+   candidate, logits at every position over the whole vocabulary), scores checked to agree.
+
+Variants are interleaved in one process and medians kept, since the machine may be shared.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from reference_recipe import run_reference
+
+from softprompt import run_dir as records
+from softprompt.batching import IGNORE, Collator, encode
+from softprompt.cli import compose_config
+from softprompt.config import TrainConfig, register_configs, validate
+from softprompt.pipeline import Pipeline, build_pipeline, evaluate, make_loader
+from softprompt.scorer import PromptedModel
+from softprompt.soft_prompt import attach_prompt, initial_prompt, prompt_parameter
+from softprompt.train import make_optimizer, train
+
+DATA = Path(os.environ.get("SOFTPROMPT_DATA", ROOT.parent / "shared" / "data"))
+MARK_BEGIN, MARK_END = "<!-- bench.py -->", "<!-- /bench.py -->"
+
+TASKS = {
+    "sst2": [
+        "task=custom",
+        "task.name=sst2",
+        f"task.data_files.train={DATA / 'sst2' / 'train.tsv'}",
+        f"task.data_files.validation={DATA / 'sst2' / 'dev.tsv'}",
+        "task.text_fields=[sentence]",
+        "task.template='{sentence} It was'",
+        "task.labels=[0,1]",
+        "task.verbalizer=[terrible,great]",
+        "task.max_length=72",
+    ],
+    "rte": [
+        "task=custom",
+        "task.name=rte",
+        f"task.data_files.train={DATA / 'superglue' / 'RTE' / 'train.jsonl'}",
+        f"task.data_files.validation={DATA / 'superglue' / 'RTE' / 'val.jsonl'}",
+        "task.text_fields=[premise,hypothesis]",
+        "task.template='{premise} Question: {hypothesis} True or False?'",
+        "task.labels=[entailment,not_entailment]",
+        "task.verbalizer=[True,False]",
+        "task.max_length=256",
+    ],
+}
+T5_SMALL_SHAPE = (
+    "model.from_config={model_type: t5, d_model: 512, d_kv: 64, d_ff: 1024, num_layers: 8, num_decoder_layers: 8,"
+    " num_heads: 6, feed_forward_proj: gated-gelu, tie_word_embeddings: false}"
+)
+# name -> (model overrides, task)
+MODELS = {
+    "minilm-l6": (["model=minilm-l6"], "sst2"),
+    "smollm2-135m": (["model=smollm2-135m"], "sst2"),
+    "t5-small-shape": (["model=tiny-t5", "model.name=t5-small-shape", T5_SMALL_SHAPE], "rte"),
+}
+
+
+class Sizes:
+    """How much each measurement does; --quick shrinks everything but the batch shapes."""
+
+    def __init__(self, quick: bool):
+        self.batch = 8 if quick else 16
+        self.batches = 1 if quick else 3
+        self.repeats = 2 if quick else 3
+        self.train_rows = 512 if quick else 4000
+        self.eval_rows = 16 if quick else 128
+        self.metric_eval_rows = 0 if quick else 200
+        self.steps = {"minilm-l6": 3 if quick else 60, "smollm2-135m": 3 if quick else 8, "t5-small-shape": 3 if quick else 8}
+
+
+def config(name: str, sizes: Sizes, **extra: object) -> TrainConfig:
+    model_overrides, task = MODELS[name]
+    overrides = model_overrides + TASKS[task] + [
+        "prompt.length=20",
+        f"trainer.batch_size={sizes.batch}",
+        f"trainer.eval_batch_size={sizes.batch * 2}",
+        f"task.max_train_rows={sizes.train_rows}",
+        f"task.max_eval_rows={sizes.eval_rows}",
+        "trainer.progress_bar=false",
+    ] + [f"{key}={value}" for key, value in extra.items()]
+    return validate(compose_config(overrides))
+
+
+def prompted(pipeline: Pipeline, cfg: TrainConfig) -> PromptedModel:
+    peft_model = attach_prompt(pipeline.backbone, cfg.prompt, pipeline.label_token_ids, head=pipeline.scorer == "head", seed=cfg.seed)
+    return PromptedModel(peft_model, pipeline.backbone.kind, pipeline.scorer, cfg.scorer.reduction)
+
+
+def training_batches(pipeline: Pipeline, sizes: Sizes) -> list[dict]:
+    """Fixed batches of random training rows: the real task's length distribution, gold answers only."""
+    rows = encode(pipeline.task.examples["train"], pipeline.tokenizer, pipeline.backbone.kind, pipeline.scorer, pipeline.cfg.task.max_length)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    collate = Collator(pipeline.backbone.kind, pipeline.scorer, pipeline.tokenizer.pad_token_id, all_candidates=False)
+    return [collate([rows[i] for i in order[k * sizes.batch : (k + 1) * sizes.batch]]) for k in range(sizes.batches)]
+
+
+def train_step(model: PromptedModel, optimizer: torch.optim.Optimizer, batch: dict, dropout: bool = True) -> None:
+    """What the loop does per batch: forward in train mode, backward, clip, step.
+
+    dropout=False runs the same step in eval mode: the limit when the frozen backbone skips dropout.
+    """
+    model.train(dropout)
+    loss = model(batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+@torch.no_grad()
+def inference_forward(model: PromptedModel, batch: dict) -> None:
+    model.eval()
+    model(batch)
+
+
+def interleaved(variants: dict[str, callable], repeats: int) -> dict[str, float]:
+    """Median seconds of each variant, run in turn `repeats` times after one warm-up each."""
+    for run in variants.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def step_over_forward(model: PromptedModel, cfg: TrainConfig, batches: list[dict], repeats: int) -> dict:
+    optimizer = make_optimizer(cfg.trainer, [p for p in model.parameters() if p.requires_grad])
+    variants = {}
+    for k, batch in enumerate(batches):
+        variants[f"step{k}"] = lambda batch=batch: train_step(model, optimizer, batch)
+        variants[f"forward{k}"] = lambda batch=batch: inference_forward(model, batch)
+        variants[f"nodropout{k}"] = lambda batch=batch: train_step(model, optimizer, batch, dropout=False)
+    medians = interleaved(variants, repeats)
+    step, forward, no_dropout = (sum(medians[f"{kind}{k}"] for k in range(len(batches))) for kind in ("step", "forward", "nodropout"))
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    return {
+        "step_s": step / len(batches),
+        "forward_s": forward / len(batches),
+        "ratio": step / forward,
+        "ratio_without_dropout": no_dropout / forward,
+        "tokens_per_batch": tokens / len(batches),
+    }
+
+
+# ---- peak memory, each measurement in a fresh process -------------------------------------------
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _memory_probe(name: str, quick: bool, mode: str, queue) -> None:
+    """Load, build the batch, release free heap to the OS, reset the peak, run one step or forward."""
+    register_configs()
+    sizes = Sizes(quick)
+    cfg = config(name, sizes)
+    pipeline = build_pipeline(cfg)
+    model = prompted(pipeline, cfg)
+    batch = training_batches(pipeline, sizes)[0]
+    optimizer = make_optimizer(cfg.trainer, [p for p in model.parameters() if p.requires_grad])
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set size
+    train_step(model, optimizer, batch) if mode == "train" else inference_forward(model, batch)
+    queue.put((before, _rss_kib("VmHWM")))
+
+
+def peak_memory(name: str, quick: bool) -> dict:
+    context = multiprocessing.get_context("spawn")
+    result = {}
+    for mode in ("inference", "train"):
+        queue = context.Queue()
+        process = context.Process(target=_memory_probe, args=(name, quick, mode, queue))
+        process.start()
+        result[mode] = queue.get()
+        process.join()
+    (base_i, peak_i), (base_t, peak_t) = result["inference"], result["train"]
+    return {
+        "inference_peak_mib": peak_i / 1024,
+        "train_peak_mib": peak_t / 1024,
+        "ratio": peak_t / peak_i,
+        "activation_ratio": (peak_t - base_t) / max(peak_i - base_i, 1),
+    }
+
+
+# ---- throughput against the reference recipe ----------------------------------------------------
+
+def ours_throughput(cfg: TrainConfig, work: Path) -> tuple[list[float], dict]:
+    """softprompt's own train(); per-step samples/s from its log (evaluation only at step 0 and the end)."""
+    run_path = work / "ours"
+    run_path.mkdir(parents=True)
+    result = train(cfg, run_path)
+    log = [json.loads(line) for line in (run_path / records.TRAIN_LOG).read_text().splitlines()]
+    return [cfg.trainer.batch_size / entry["samples_per_second"] for entry in log], result
+
+
+def throughput(name: str, sizes: Sizes, work: Path) -> dict:
+    steps = sizes.steps[name]
+    # quick: no metric comparison, but train() still evaluates at step 0 and the end, so few rows
+    extra = {"trainer.log_every": 1, "trainer.eval_every": steps, "trainer.checkpoint_every": steps, "task.max_eval_rows": sizes.metric_eval_rows or 8}
+    cfg = config(name, sizes, **{"trainer.max_steps": steps, **extra})
+    ours_steps, ours_result = ours_throughput(cfg, work)
+    pipeline = build_pipeline(cfg)
+    # the vectors attach_prompt starts from, so both recipes begin at the same prompt
+    initial = initial_prompt(cfg.prompt, pipeline.backbone, pipeline.label_token_ids, torch.Generator().manual_seed(cfg.seed))
+    rows = encode(pipeline.task.examples["train"], pipeline.tokenizer, pipeline.backbone.kind, pipeline.scorer, cfg.task.max_length)
+    torch.manual_seed(cfg.seed)
+    reference_model, reference_steps = run_reference(cfg, pipeline.backbone, rows, pipeline.scorer, initial)
+    ours_s = statistics.median(ours_steps[1:])
+    reference_s = statistics.median(reference_steps[1:])
+    out = {
+        "steps": steps,
+        "ours_samples_per_s": cfg.trainer.batch_size / ours_s,
+        "reference_samples_per_s": cfg.trainer.batch_size / reference_s,
+        "ratio": reference_s / ours_s,
+    }
+    if sizes.metric_eval_rows:
+        from accelerate import Accelerator
+
+        model = PromptedModel(reference_model, pipeline.backbone.kind, pipeline.scorer, cfg.scorer.reduction)
+        loader = make_loader(pipeline, "validation", training=False)
+        metric = cfg.task.main_metric
+        out.update(
+            metric=metric,
+            initial_metric=ours_result["initial_eval"][metric],
+            ours_metric=ours_result["eval"][metric],
+            ours_best_step=ours_result["best_step"],
+            reference_metric=evaluate(model, loader, Accelerator(cpu=True), pipeline.task, progress=False)[metric],
+            dev_rows=len(pipeline.task.examples["validation"]),
+        )
+    return out
+
+
+# ---- rank-classification evaluation against the naive way ---------------------------------------
+
+@torch.no_grad()
+def naive_scores(model: PromptedModel, batch_rows: list, kind: str, pad: int) -> torch.Tensor:
+    """One forward per candidate through PEFT's own forward, log-softmax over the whole vocabulary everywhere."""
+    peft_model = model.peft_model
+    choices = max(len(row.candidate_ids) for row in batch_rows)
+    table = torch.full((len(batch_rows), choices), float("-inf"))
+    for choice in range(choices):
+        members = [n for n, row in enumerate(batch_rows) if choice < len(row.candidate_ids)]
+        answers = [batch_rows[n].candidate_ids[choice] for n in members]
+        if kind == "decoder":
+            sequences = [batch_rows[n].input_ids + answer for n, answer in zip(members, answers)]
+            width = max(map(len, sequences))
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+            log_probs = peft_model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)[:, model_prompt_length(model):]
+            for row, (n, answer) in enumerate(zip(members, answers)):
+                start = len(batch_rows[n].input_ids)
+                positions = torch.arange(start - 1, start - 1 + len(answer))
+                table[n, choice] = log_probs[row, positions, torch.tensor(answer)].sum()
+        else:
+            inputs = [batch_rows[n].input_ids for n in members]
+            width = max(map(len, inputs))
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in inputs])
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in inputs])
+            longest = max(map(len, answers))
+            labels = torch.tensor([a + [IGNORE] * (longest - len(a)) for a in answers])
+            log_probs = peft_model(input_ids=ids, attention_mask=mask, labels=labels).logits.float().log_softmax(-1)
+            picked = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != IGNORE)
+            table[torch.tensor(members), choice] = picked.sum(-1)
+    return table
+
+
+def model_prompt_length(model: PromptedModel) -> int:
+    return prompt_parameter(model.peft_model).shape[0]
+
+
+@torch.no_grad()
+def rank_eval_speedup(model: PromptedModel, pipeline: Pipeline, sizes: Sizes) -> dict:
+    """Evaluation as `predict` runs it, against the naive way and against the layout before this benchmark
+    (rows in split order; for decoders every (row, candidate) pair as its own input-plus-answer sequence)."""
+    loader = make_loader(pipeline, "validation", training=False)
+    kind, pad = pipeline.backbone.kind, pipeline.tokenizer.pad_token_id
+    rows = encode(pipeline.task.examples["validation"], pipeline.tokenizer, kind, pipeline.scorer, pipeline.cfg.task.max_length)
+    size = pipeline.cfg.trainer.eval_batch_size
+    groups = [rows[i : i + size] for i in range(0, len(rows), size)]
+    pairs = Collator(kind, "rank", pad, all_candidates=False)
+    if kind == "decoder":
+        before_batches = [pairs([replace(row, label=c) for row in group for c in range(len(row.candidate_ids))]) for group in groups]
+    else:
+        before_batches = [loader.collate_fn(group) for group in groups]
+    model.eval()
+
+    def ours() -> torch.Tensor:
+        table = torch.empty(len(rows), max(len(row.candidate_ids) for row in rows))
+        for batch in loader:
+            table[batch["index"]] = model(batch).scores
+        return table
+
+    naive = lambda: torch.cat([naive_scores(model, group, kind, pad) for group in groups])
+    before = lambda: [model(batch) for batch in before_batches]
+    medians = interleaved({"ours": ours, "before": before, "naive": naive}, sizes.repeats)
+    return {
+        "rows": len(rows),
+        "ours_rows_per_s": len(rows) / medians["ours"],
+        "before_rows_per_s": len(rows) / medians["before"],
+        "naive_rows_per_s": len(rows) / medians["naive"],
+        "ratio": medians["naive"] / medians["ours"],
+        "ratio_before": medians["naive"] / medians["before"],
+        "max_score_difference": (ours() - naive()).abs().max().item(),
+    }
+
+
+# ---- report ----------------------------------------------------------------------------------------
+
+def machine() -> str:
+    load = os.getloadavg()
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
+        f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)"
+    )
+
+
+def versions() -> str:
+    import accelerate
+    import peft
+    import transformers
+
+    return f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}"
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| model (task) | step / forward (without backbone dropout) | samples/s ours / reference | vs reference | peak MiB train / inference | memory ratio (activations only) | rank eval rows/s ours / naive | rank eval speedup |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        s, t, m, e = r["step"], r["throughput"], r["memory"], r.get("rank_eval")
+        lines.append(
+            f"| {name} ({MODELS[name][1]}) | {s['ratio']:.2f} ({s['ratio_without_dropout']:.2f}); {s['step_s']:.3f}s / {s['forward_s']:.3f}s "
+            f"| {t['ours_samples_per_s']:.1f} / {t['reference_samples_per_s']:.1f} | {t['ratio']:.2f}x "
+            f"| {m['train_peak_mib']:.0f} / {m['inference_peak_mib']:.0f} | {m['ratio']:.2f} ({m['activation_ratio']:.2f}) "
+            + (f"| {e['ours_rows_per_s']:.1f} / {e['naive_rows_per_s']:.1f} | {e['ratio']:.2f}x (before: {e['ratio_before']:.2f}x) |" if e else "| n/a | n/a |")
+        )
+    metric_lines = [
+        f"- {name}: {t['metric']} on {t['dev_rows']} dev rows after {t['steps']} steps: ours {t['ours_metric']:.4f} "
+        f"(best step {t['ours_best_step']}), reference {t['reference_metric']:.4f}, both from {t['initial_metric']:.4f}"
+        for name, r in results.items()
+        if "metric" in (t := r["throughput"])
+    ]
+    return "\n".join(lines + ([""] + metric_lines if metric_lines else []))
+
+
+def write_markdown(path: Path, body: str) -> None:
+    """Replace this script's section of the file (between its markers), leaving other sections alone."""
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    section = f"{MARK_BEGIN}\n{body.strip()}\n{MARK_END}"
+    if MARK_BEGIN in text and MARK_END in text:
+        head, rest = text.split(MARK_BEGIN, 1)
+        text = head + section + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a reduced run, under two minutes on 2 CPU cores")
+    parser.add_argument("--json", type=Path, help="write the per-model ratios to this file")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    register_configs()
+    sizes = Sizes(args.quick)
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    results = {}
+    with tempfile.TemporaryDirectory() as work:
+        for name in args.models:
+            cfg = config(name, sizes)
+            pipeline = build_pipeline(cfg)
+            model = prompted(pipeline, cfg)
+            result = {"step": step_over_forward(model, cfg, training_batches(pipeline, sizes), sizes.repeats)}
+            if pipeline.scorer == "rank":
+                result["rank_eval"] = rank_eval_speedup(model, pipeline, sizes)
+            del model, pipeline
+            result["memory"] = peak_memory(name, args.quick)
+            result["throughput"] = throughput(name, sizes, Path(work) / name)
+            results[name] = result
+            print(f"{name}: {json.dumps(result)}", flush=True)
+    seconds = time.perf_counter() - started
+    command = "python scripts/bench.py" + (" --quick" if args.quick else "") + ("" if args.models == list(MODELS) else " --models " + " ".join(args.models))
+    body = "\n".join(
+        [
+            "## Training loop",
+            "",
+            f"`{command}` ({seconds:.0f} s; load average {load_before:.2f} at the start). Machine: {machine()}. {versions()}.",
+            (
+                f"Batches of {sizes.batch} random training rows (prompt length 20); step = forward + backward + clip + AdamW step in"
+                " train mode; forward = eval mode, no grad, same batches; medians of interleaved repeats. Memory: peak RSS (VmHWM,"
+                " reset before the measured call) in a fresh process per mode; in brackets the ratio of the growth over the memory"
+                " held before the call. Rank eval: `before` is the layout before this benchmark (split order, one sequence per"
+                " (row, candidate) pair)."
+            ),
+            "",
+            table(results),
+        ]
+    )
+    print(body)
+    write_markdown(args.markdown, body)
+    if args.json:
+        ratios = {
+            name: {
+                "step_over_forward": round(r["step"]["ratio"], 3),
+                "throughput_vs_reference": round(r["throughput"]["ratio"], 3),
+                "train_memory_over_inference": round(r["memory"]["ratio"], 3),
+                **({"rank_eval_speedup": round(r["rank_eval"]["ratio"], 3)} if "rank_eval" in r else {}),
+            }
+            for name, r in results.items()
+        }
+        records.write_json(args.json, ratios)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The optimisations of the training and evaluation paths change no result (beyond float rounding)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import quick_overrides
+from torch.utils.data import DataLoader
+
+from softprompt.backbone import load_backbone
+from softprompt.batching import Collator, encode
+from softprompt.cli import compose_config
+from softprompt.config import register_configs, validate
+from softprompt.pipeline import build_pipeline, make_loader, predict
+from softprompt.scorer import PromptedModel
+from softprompt.soft_prompt import attach_prompt
+from softprompt.task import Example
+
+TEXTS = ["a gem of a film", "dull", "the plot goes nowhere and the actors seem to know it", "fine", "an utterly charming, funny ride"]
+# candidates of one, two and three tokens, so answers of different lengths share a batch
+CANDIDATES = ["yes", "not at all", "maybe so"]
+
+
+def prompted(model: str) -> tuple[PromptedModel, object]:
+    register_configs()
+    cfg = validate(compose_config([f"model={model}", "prompt.length=4", "prompt.init=random_uniform"]))
+    backbone = load_backbone(cfg.model)
+    peft_model = attach_prompt(backbone, cfg.prompt, [], head=False, seed=0)
+    return PromptedModel(peft_model, backbone.kind, "rank").eval(), backbone
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+def test_shared_input_scoring_equals_one_sequence_per_candidate(model):
+    """Evaluation scores every candidate on top of its row's cached input; the training layout (input and
+    answer as one sequence) scoring each candidate as if it were gold must give the same log-probabilities."""
+    scorer, backbone = prompted(model)
+    examples = [Example(text, CANDIDATES, label=i % len(CANDIDATES)) for i, text in enumerate(TEXTS)]
+    rows = encode(examples, backbone.tokenizer, backbone.kind, "rank", max_length=32)
+    assert len({len(ids) for ids in rows[0].candidate_ids}) == 3
+    pad = backbone.tokenizer.pad_token_id
+    # each row its own prompt, as in a prompt bank
+    prompts = torch.randn(len(rows), 4, backbone.width, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        shared_batch = Collator(backbone.kind, "rank", pad, all_candidates=True)(rows)
+        assert shared_batch["input_ids"].shape[0] == len(rows)
+        shared = scorer(shared_batch, prompts=prompts).scores
+        one_sequence = torch.stack(
+            [
+                scorer(Collator(backbone.kind, "rank", pad, all_candidates=False)([_as_gold(row, choice) for row in rows]), prompts=prompts)
+                .scores[:, choice]
+                for choice in range(len(CANDIDATES))
+            ],
+            dim=1,
+        )
+    assert torch.isfinite(shared).all()
+    torch.testing.assert_close(shared, one_sequence, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_input_scoring_single_token_candidates_needs_one_pass():
+    """With one-token answers the input's last position scores them all: one forward pass per batch."""
+    scorer, backbone = prompted("tiny-llama")
+    examples = [Example(text, ["yes", "no"], label=0) for text in TEXTS]
+    rows = encode(examples, backbone.tokenizer, backbone.kind, "rank", max_length=32)
+    batch = Collator(backbone.kind, "rank", backbone.tokenizer.pad_token_id, all_candidates=True)(rows)
+    calls = []
+    hook = scorer.backbone.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        with torch.no_grad():
+            scores = scorer(batch).scores
+    finally:
+        hook.remove()
+    assert len(calls) == 1 and scores.shape == (len(rows), 2) and torch.isfinite(scores).all()
+
+
+def _as_gold(row, choice):
+    return replace(row, label=choice)
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-llama"])
+def test_length_ordered_evaluation_gives_split_order_and_same_scores(model):
+    """Evaluation batches rows of similar length (less padding); predictions still come in split order,
+    equal to scoring the rows in their own order up to float rounding."""
+    register_configs()
+    cfg = validate(compose_config(quick_overrides(model, **{"task.builtin_size.validation": "40", "trainer.eval_batch_size": "8"})))
+    pipeline = build_pipeline(cfg)
+    peft_model = attach_prompt(pipeline.backbone, cfg.prompt, pipeline.label_token_ids, head=pipeline.scorer == "head", seed=0)
+    scorer = PromptedModel(peft_model, pipeline.backbone.kind, pipeline.scorer).eval()
+    loader = make_loader(pipeline, "validation", training=False)
+    lengths = [int(batch["attention_mask"].sum(-1).max()) for batch in loader]
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+    rows = encode(pipeline.task.examples["validation"], pipeline.tokenizer, pipeline.backbone.kind, pipeline.scorer, cfg.task.max_length)
+    in_split_order = DataLoader(rows, batch_size=8, collate_fn=loader.collate_fn)
+    ordered = predict(scorer, loader, Accelerator(cpu=True), progress=False)
+    plain = predict(scorer, in_split_order, Accelerator(cpu=True), progress=False)
+    assert ordered.indices == plain.indices == list(range(len(rows)))
+    assert ordered.references == plain.references
+    torch.testing.assert_close(torch.tensor(ordered.scores), torch.tensor(plain.scores), atol=1e-5, rtol=1e-5)

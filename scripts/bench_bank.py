@@ -21,6 +21,7 @@ from softprompt.cli import compose_config
 from softprompt.config import validate
 from softprompt.predict import score_rows
 from softprompt.prompt_bank import BankEntry, PromptBank, load_entry
+from softprompt.task import load_task
 from softprompt.train import train
 
 
@@ -46,8 +47,6 @@ def make_bank(model: str, prompts: int, work: Path) -> tuple[PromptBank, list]:
         )
         for i in range(prompts)
     ]
-    from softprompt.task import load_task
-
     return PromptBank(entries), load_task(base.cfg.task).examples["validation"]
 
 

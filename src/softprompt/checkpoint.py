@@ -24,11 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from softprompt import run_dir as records
-from softprompt.config import TrainConfig
+from softprompt.config import TrainConfig, flat_config
 from softprompt.errors import UserError
 from softprompt.sweep import NON_RESULT_KEYS
 
@@ -38,8 +37,6 @@ TENSORS = "tensors.safetensors"
 BEST_PROMPT = "best_prompt"
 FORMAT = 1
 PICKLE_SUFFIXES = (".bin", ".pkl", ".pickle", ".pt", ".pth")
-# keys that may differ between the run that wrote a checkpoint and the one resuming it
-RESUME_FREE_KEYS = NON_RESULT_KEYS + ("trainer.resume", "trainer.checkpoint_every")
 
 
 @dataclass
@@ -79,17 +76,7 @@ class Snapshot:
 
 def comparable_config(cfg: TrainConfig) -> dict[str, Any]:
     """Dotted key -> value for every key that can change a result (what a resumed run must share)."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = node
-
-    walk(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), "")
-    return {key: value for key, value in flat.items() if key not in RESUME_FREE_KEYS}
+    return {key: value for key, value in flat_config(cfg).items() if key not in NON_RESULT_KEYS}
 
 
 def _refuse_pickle(folder: Path) -> None:

@@ -171,6 +171,21 @@ def _at_least(key: str, value, minimum) -> None:
         raise ConfigError(key, value, f"a number >= {minimum}")
 
 
+def flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    """Dotted key -> value, interpolations resolved: the form trackers log and checkpoints compare."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), "")
+    return flat
+
+
 def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     """Check every rule a type cannot express, so a mistake fails before anything heavy loads."""
     if isinstance(cfg, DictConfig):

@@ -31,7 +31,7 @@ from softprompt import checkpoint
 from softprompt import run_dir as records
 from softprompt import sweep
 from softprompt.cli import CONF_DIR, compose_config, compose_or_exit, job_overrides, split_argv
-from softprompt.config import TrainConfig, TrainerConfig, register_configs, validate
+from softprompt.config import TrainConfig, TrainerConfig, flat_config, register_configs, validate
 from softprompt.distributed import check_launch
 from softprompt.errors import ConfigError, UserError, exit_on_user_error
 from softprompt.pipeline import build_pipeline, evaluate, make_loader
@@ -196,7 +196,8 @@ def _train(cfg: TrainConfig, run_path: Path, snapshot: checkpoint.Snapshot | Non
         records.write_json(run_path / "task.json", {"name": task.name, "splits": task.provenance, "counts": {s: len(r) for s, r in task.rows.items()}})
         records.mark(run_path, "running", **identity)
     if cfg.trainer.log_with:
-        accelerator.init_trackers("softprompt", config=_flat(OmegaConf.to_container(OmegaConf.structured(cfg))))
+        tracked = {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in flat_config(cfg).items()}
+        accelerator.init_trackers("softprompt", config=tracked)
 
     main_metric = cfg.task.main_metric
     if snapshot is None:
@@ -320,16 +321,6 @@ def _train(cfg: TrainConfig, run_path: Path, snapshot: checkpoint.Snapshot | Non
 
 def _describe(metrics: dict) -> str:
     return ", ".join(f"{key}={value:.4f}" for key, value in metrics.items())
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
 
 
 def check_output_dir(argv: list[str]) -> None:

@@ -118,7 +118,7 @@ def config(name: str, sizes: Sizes, **extra: object) -> TrainConfig:
 
 def prompted(pipeline: Pipeline, cfg: TrainConfig) -> PromptedModel:
     peft_model = attach_prompt(pipeline.backbone, cfg.prompt, pipeline.label_token_ids, head=pipeline.scorer == "head", seed=cfg.seed)
-    return PromptedModel(peft_model, pipeline.backbone.kind, pipeline.scorer, cfg.scorer.reduction)
+    return PromptedModel(peft_model, pipeline.backbone.kind, pipeline.scorer, cfg.scorer.reduction, cfg.trainer.backbone_dropout)
 
 
 def training_batches(pipeline: Pipeline, sizes: Sizes) -> list[dict]:

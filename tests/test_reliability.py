@@ -29,12 +29,18 @@ from softprompt.errors import UserError
 from softprompt.train import train
 
 # 8 batches an epoch, a checkpoint every 3 steps: kills land mid-epoch as well as on its edges;
-# tiny-bert has dropout, so the random states must come back exactly too
+# backbone dropout on, so the random states must come back exactly too
 EVERY = 3
 LONG = quick_overrides(
     "tiny-bert",
     steps=60,
-    **{"trainer.log_every": "1", "trainer.eval_every": "10", "trainer.checkpoint_every": str(EVERY), "trainer.lr": "0.3"},
+    **{
+        "trainer.log_every": "1",
+        "trainer.eval_every": "10",
+        "trainer.checkpoint_every": str(EVERY),
+        "trainer.lr": "0.3",
+        "trainer.backbone_dropout": "true",
+    },
 )
 
 

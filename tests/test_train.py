@@ -15,6 +15,7 @@ from softprompt.config import validate
 from softprompt.pipeline import build_pipeline, make_loader, predict
 from softprompt.run_dir import TIMING_KEYS
 from softprompt.scorer import PromptedModel
+from softprompt.soft_prompt import attach_prompt
 
 ARCHITECTURES = ["tiny-bert", "tiny-gpt2", "tiny-llama", "tiny-t5"]
 
@@ -117,3 +118,20 @@ def test_embedded_default_learns(tmp_path):
     assert metrics["eval"]["accuracy"] - metrics["initial_eval"]["accuracy"] >= 0.2
     assert "accuracy:" in result.stdout and "trainable parameters" in result.stdout
     assert result.stdout.count("run: ") == 1
+
+
+@pytest.mark.parametrize("backbone_dropout", [False, True])
+def test_backbone_dropout_only_when_asked(backbone_dropout):
+    """Training mode keeps the frozen backbone deterministic unless trainer.backbone_dropout turns its dropout on;
+    evaluation after training mode is deterministic either way."""
+    cfg = validate(compose_config(quick_overrides("tiny-bert", steps=1)))
+    pipeline = build_pipeline(cfg)
+    peft_model = attach_prompt(pipeline.backbone, cfg.prompt, pipeline.label_token_ids, head=True, seed=0)
+    model = PromptedModel(peft_model, pipeline.backbone.kind, pipeline.scorer, backbone_dropout=backbone_dropout)
+    batch = next(iter(make_loader(pipeline, "train", training=True)))
+    model.train()
+    first, second = model(batch).loss.item(), model(batch).loss.item()
+    assert (first != second) == backbone_dropout
+    assert model.training
+    predict(model, make_loader(pipeline, "validation", False), Accelerator(), progress=False)
+    assert model.training and model.backbone.training == backbone_dropout

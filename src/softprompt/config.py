@@ -130,6 +130,9 @@ class TrainerConfig:
     # stop after this many evaluations without improvement; null never stops early
     early_stopping_patience: Optional[int] = None
     mixed_precision: str = "no"
+    # dropout inside the frozen backbone while the prompt trains; off, the backbone computes the same
+    # function in training as in evaluation (less noise, and a cheaper backward)
+    backbone_dropout: bool = False
     log_every: int = 10
     # null | tensorboard
     log_with: Optional[str] = None

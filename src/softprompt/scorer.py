@@ -49,10 +49,18 @@ class ScoreOutput:
 class PromptedModel(nn.Module):
     """The frozen backbone behind PEFT's adapter, called with soft prompts prepended to each row."""
 
-    def __init__(self, peft_model: PeftModel, kind: str, scorer: str, reduction: str = "sum"):
+    def __init__(self, peft_model: PeftModel, kind: str, scorer: str, reduction: str = "sum", backbone_dropout: bool = True):
         super().__init__()
         self.peft_model = peft_model
         self.kind, self.scorer, self.reduction = kind, scorer, reduction
+        self.backbone_dropout = backbone_dropout
+
+    def train(self, mode: bool = True) -> "PromptedModel":
+        """Without backbone dropout the frozen backbone (head included) stays in evaluation mode while training."""
+        super().train(mode)
+        if mode and not self.backbone_dropout:
+            self.backbone.eval()
+        return self
 
     @property
     def backbone(self) -> nn.Module:

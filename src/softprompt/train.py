@@ -166,7 +166,7 @@ def _train(cfg: TrainConfig, run_path: Path, snapshot: checkpoint.Snapshot | Non
     task, backbone, scorer = pipeline.task, pipeline.backbone, pipeline.scorer
     peft_model = attach_prompt(backbone, cfg.prompt, pipeline.label_token_ids, head=scorer == "head", seed=cfg.seed)
     counts = trainable_counts(peft_model)
-    model = PromptedModel(peft_model, backbone.kind, scorer, cfg.scorer.reduction)
+    model = PromptedModel(peft_model, backbone.kind, scorer, cfg.scorer.reduction, cfg.trainer.backbone_dropout)
     train_loader = make_loader(pipeline, "train", training=True, seed=cfg.seed)
     # the shuffle's generator: its state at an epoch's start fixes that epoch's order
     data_order = train_loader.generator

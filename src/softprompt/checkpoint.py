@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from softprompt import run_dir as records
 from softprompt.config import TrainConfig
 from softprompt.errors import UserError
-from softprompt.sweep import NON_RESULT_KEYS
+from softprompt.sweep import NON_RESULT_KEYS, drop_default_method
 
 CHECKPOINT_DIR = "checkpoint"
 STATE = "state.json"
@@ -88,7 +88,7 @@ def comparable_config(cfg: TrainConfig) -> dict[str, Any]:
         else:
             flat[prefix[:-1]] = node
 
-    walk(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), "")
+    walk(drop_default_method(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)), "")
     return {key: value for key, value in flat.items() if key not in RESUME_FREE_KEYS}
 
 

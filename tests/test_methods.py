@@ -179,7 +179,7 @@ def test_method_mistakes_are_user_errors_before_training(overrides, message):
     assert message in str(error.value)
 
 
-@pytest.mark.parametrize("method", ["lora", "model_tuning", "prefix_tuning"])
+@pytest.mark.parametrize("method", ["lora", "model_tuning"])
 def test_preempted_run_resumes_exactly(train_run, monkeypatch, method):
     overrides = quick_overrides("tiny-llama", steps=4, **{"method": method, "trainer.log_every": "1", "trainer.eval_every": "2", "trainer.lr": "0.01"})
     whole, _ = train_run(overrides, "whole")

@@ -26,6 +26,15 @@ REDUCTIONS = ("sum", "mean")
 RESUME_MODES = ("auto", "never", "must")
 METHODS = ("prompt_tuning", "model_tuning", "prompt_design", "prefix_tuning", "p_tuning", "lora")
 P_TUNING_ENCODERS = ("MLP", "LSTM")
+# the method.* keys each method reads (the others are ignored by it)
+METHOD_KNOBS = {
+    "prompt_tuning": (),
+    "model_tuning": ("ignore_memory_check",),
+    "prompt_design": ("instruction", "num_demonstrations", "demonstration_seed", "separator", "show_rows"),
+    "prefix_tuning": ("prefix_projection", "encoder_hidden_size"),
+    "p_tuning": ("encoder_hidden_size", "encoder_reparameterization_type", "encoder_num_layers", "encoder_dropout"),
+    "lora": ("lora_r", "lora_alpha", "lora_dropout", "target_modules"),
+}
 
 
 @dataclass

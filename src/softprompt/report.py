@@ -23,6 +23,7 @@ import pandas as pd  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from softprompt import run_dir as records  # noqa: E402
+from softprompt.config import METHOD_KNOBS  # noqa: E402
 from softprompt.errors import UserError, exit_on_user_error  # noqa: E402
 from softprompt.sweep import NON_RESULT_KEYS  # noqa: E402
 
@@ -119,7 +120,11 @@ def tidy_table(runs: list[Path]) -> pd.DataFrame:
     table["parameters"] = table.groupby("model", dropna=False)["parameters"].transform(lambda sizes: sizes.fillna(sizes.max()))
     table = table.astype({column: "Int64" for column in INTEGER_COLUMNS})
     for position, key in enumerate(varying, start=COLUMNS.index("init") + 1):
-        table.insert(position, key, configs[key].astype(str))
+        values = configs[key].astype(str)
+        if key.startswith("method."):
+            # a method's knob is empty on the rows of methods that do not read it
+            values = values.where([key.removeprefix("method.") in METHOD_KNOBS.get(method, ()) for method in table["method"]], None)
+        table.insert(position, key, values)
     return table.sort_values(["task", "parameters", "model", "method", "prompt_length", "init", *varying, "seed"], kind="stable", ignore_index=True)
 
 

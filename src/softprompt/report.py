@@ -254,7 +254,8 @@ def draw_methods(summary: pd.DataFrame, x_key: str, reference: pd.DataFrame | No
     for panel, (task, metric) in zip(panels[0], tasks):
         rows = data[(data["task"] == task) & (data["metric"] == metric)]
         for number, (label, line) in enumerate(method_lines(rows, summary)):
-            line = line.sort_values(x_key)
+            # a method's points are joined in order of model size, on either axis
+            line = line.sort_values(["parameters", x_key])
             xs = line[x_key].astype(float)
             style = {"linestyle": "--"} if line["method"].iloc[0] == "prompt_design" else {}
             panel.errorbar(xs, line["mean"], yerr=line["std"].fillna(0), marker=markers[number % len(markers)], capsize=4, label=label, **style)

@@ -56,7 +56,7 @@ def test_table_summary_and_failures(sweep):
     written = write_report([sweep], sweep)
     table = pd.read_csv(written["results"])
     assert len(table) == len(ACCURACY) + 2
-    assert list(table.columns[:8]) == ["run", "model", "parameters", "task", "metric", "prompt_length", "init", "seed"]
+    assert list(table.columns[:9]) == ["run", "model", "parameters", "task", "metric", "method", "prompt_length", "init", "seed"]
     assert dict(zip(table["run"], table["status"]))["failed"] == "failed"
     assert dict(zip(table["run"], table["status"]))["killed"] == "incomplete"
     # a run that never loaded its model still gets the model's size from the runs that did

@@ -24,12 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from softprompt import run_dir as records
-from softprompt.config import TrainConfig, flat_config
+from softprompt.config import TrainConfig, flatten
 from softprompt.errors import UserError
-from softprompt.sweep import NON_RESULT_KEYS
+from softprompt.sweep import NON_RESULT_KEYS, drop_default_method
 
 CHECKPOINT_DIR = "checkpoint"
 STATE = "state.json"
@@ -76,7 +77,8 @@ class Snapshot:
 
 def comparable_config(cfg: TrainConfig) -> dict[str, Any]:
     """Dotted key -> value for every key that can change a result (what a resumed run must share)."""
-    return {key: value for key, value in flat_config(cfg).items() if key not in NON_RESULT_KEYS}
+    tree = drop_default_method(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    return {key: value for key, value in flatten(tree).items() if key not in NON_RESULT_KEYS}
 
 
 def _refuse_pickle(folder: Path) -> None:

@@ -24,6 +24,17 @@ PRECISIONS = ("no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 REDUCTIONS = ("sum", "mean")
 RESUME_MODES = ("auto", "never", "must")
+METHODS = ("prompt_tuning", "model_tuning", "prompt_design", "prefix_tuning", "p_tuning", "lora")
+P_TUNING_ENCODERS = ("MLP", "LSTM")
+# the method.* keys each method reads (the others are ignored by it)
+METHOD_KNOBS = {
+    "prompt_tuning": (),
+    "model_tuning": ("ignore_memory_check",),
+    "prompt_design": ("instruction", "num_demonstrations", "demonstration_seed", "separator", "show_rows"),
+    "prefix_tuning": ("prefix_projection", "encoder_hidden_size"),
+    "p_tuning": ("encoder_hidden_size", "encoder_reparameterization_type", "encoder_num_layers", "encoder_dropout"),
+    "lora": ("lora_r", "lora_alpha", "lora_dropout", "target_modules"),
+}
 
 
 @dataclass
@@ -103,6 +114,41 @@ class PromptConfig:
 
 
 @dataclass
+class MethodConfig:
+    """What is trained: the soft prompt (the default), all weights, nothing, or another PEFT method.
+
+    prefix_tuning and p_tuning take their number of virtual tokens from prompt.length; every other
+    knob of a method is here (a key that does not apply to the chosen method is ignored).
+    """
+
+    name: str = "prompt_tuning"
+    # prefix_tuning: reparameterise the prefix through a 2-layer MLP (Li & Liang 2021) of encoder_hidden_size
+    prefix_projection: bool = False
+    # p_tuning's prompt encoder (and prefix_tuning's projection) hidden size; null: the model width
+    encoder_hidden_size: Optional[int] = None
+    # p_tuning: MLP | LSTM
+    encoder_reparameterization_type: str = "MLP"
+    # p_tuning LSTM layers (PEFT's MLP always has 2 hidden layers)
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+    # lora: rank, scaling alpha (scale = alpha / r), dropout, and the module names to adapt (null: PEFT's default
+    # for the architecture, e.g. query/value projections)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: Optional[list[str]] = None
+    # prompt_design: a hand-written instruction put first, and k demonstrations (solved train rows) after it
+    instruction: Optional[str] = None
+    num_demonstrations: int = 0
+    demonstration_seed: int = 0
+    separator: str = "\n\n"
+    # prompt_design: how many validation rows' rendered prompts go to rendered_prompts.txt
+    show_rows: int = 3
+    # model_tuning: refuse a run whose weights, gradients and optimiser states would not fit in memory
+    ignore_memory_check: bool = False
+
+
+@dataclass
 class ScorerConfig:
     """How a label is predicted: a classification head, rank classification, or generation."""
 
@@ -152,6 +198,7 @@ class TrainConfig:
     model: ModelConfig = MISSING
     task: TaskConfig = MISSING
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
@@ -174,18 +221,20 @@ def _at_least(key: str, value, minimum) -> None:
         raise ConfigError(key, value, f"a number >= {minimum}")
 
 
-def flat_config(cfg: TrainConfig) -> dict[str, Any]:
-    """Dotted key -> value, interpolations resolved: the form trackers log and checkpoints compare."""
+def flatten(tree: dict[str, Any], scalars: bool = False) -> dict[str, Any]:
+    """Dotted key -> value: the form checkpoints compare, and with `scalars` (lists and mappings as text)
+    the form trackers log and report tables hold."""
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
+        if isinstance(node, dict) and node:
             for key, value in node.items():
                 walk(value, f"{prefix}{key}.")
         else:
-            flat[prefix[:-1]] = node
+            plain = not scalars or isinstance(node, (int, float, str, bool, type(None)))
+            flat[prefix[:-1]] = node if plain else str(node)
 
-    walk(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), "")
+    walk(tree, "")
     return flat
 
 
@@ -197,7 +246,7 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
         except OmegaConfBaseException as error:
             # an interpolation naming no key, or resolving to the wrong type (${nope}, ${oc.env:HOME} for an int)
             raise UserError(f"{error.full_key}: {str(error).splitlines()[0]}") from None
-    model, task, prompt, scorer, trainer = cfg.model, cfg.task, cfg.prompt, cfg.scorer, cfg.trainer
+    model, task, prompt, scorer, trainer, method = cfg.model, cfg.task, cfg.prompt, cfg.scorer, cfg.trainer, cfg.method
 
     if model.name_or_path is None and model.from_config is None:
         raise ConfigError("model.name_or_path", None, "a zoo name, hub id or local folder (or set model.from_config)")
@@ -218,6 +267,23 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
         raise ConfigError("prompt.text", prompt.text, "a non-empty string when prompt.init=text")
     if prompt.init == "from_file" and not prompt.path:
         raise ConfigError("prompt.path", prompt.path, "a prompt folder when prompt.init=from_file")
+
+    _one_of("method.name", method.name, METHODS)
+    if method.encoder_hidden_size is not None:
+        _at_least("method.encoder_hidden_size", method.encoder_hidden_size, 1)
+    _one_of("method.encoder_reparameterization_type", method.encoder_reparameterization_type, P_TUNING_ENCODERS)
+    _at_least("method.encoder_num_layers", method.encoder_num_layers, 1)
+    if not 0 <= method.encoder_dropout < 1:
+        raise ConfigError("method.encoder_dropout", method.encoder_dropout, "a probability in [0, 1)")
+    _at_least("method.lora_r", method.lora_r, 1)
+    if not method.lora_alpha > 0:
+        raise ConfigError("method.lora_alpha", method.lora_alpha, "a number > 0")
+    if not 0 <= method.lora_dropout < 1:
+        raise ConfigError("method.lora_dropout", method.lora_dropout, "a probability in [0, 1)")
+    if method.target_modules is not None and not method.target_modules:
+        raise ConfigError("method.target_modules", [], "module names to adapt (q_proj, query, c_attn, ...), or null for PEFT's default")
+    _at_least("method.num_demonstrations", method.num_demonstrations, 0)
+    _at_least("method.show_rows", method.show_rows, 0)
 
     _one_of("scorer.name", scorer.name, SCORERS)
     _one_of("scorer.reduction", scorer.reduction, REDUCTIONS)

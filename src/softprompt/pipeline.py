@@ -17,6 +17,7 @@ from softprompt.backbone import Backbone, infer_kind, load_backbone, load_model_
 from softprompt.batching import Collator, encode, verbalizer_tokens
 from softprompt.config import TrainConfig
 from softprompt.errors import ConfigError
+from softprompt.method import apply_design, check_method
 from softprompt.metrics import compute_metrics
 from softprompt.scorer import resolve_scorer
 from softprompt.task import Task, load_task
@@ -31,13 +32,29 @@ class Pipeline:
     scorer: str
     # verbalizer token ids per label (empty when a task's candidates come from each row)
     label_token_ids: list[list[int]]
+    # method=prompt_design: the instruction and demonstrations put before every row, and their token count
+    context: str = ""
+    context_tokens: int = 0
+
+    @property
+    def max_length(self) -> int:
+        """Tokens kept of each row's text: task.max_length, plus the prompt-design context."""
+        return self.cfg.task.max_length + self.context_tokens
 
 
-def check_lengths(cfg: TrainConfig, limit: int | None, answer_tokens: int) -> None:
+def check_lengths(cfg: TrainConfig, limit: int | None, answer_tokens: int, context_tokens: int = 0) -> None:
     """Prompt plus input (plus the answer, for decoders) must fit the model's position embeddings."""
     if limit is None:
         return
-    needed = cfg.prompt.length + cfg.task.max_length + answer_tokens
+    prompt = cfg.prompt.length if cfg.method.name in ("prompt_tuning", "p_tuning", "prefix_tuning") else 0
+    needed = prompt + cfg.task.max_length + answer_tokens + context_tokens
+    if context_tokens and needed > limit:
+        raise ConfigError(
+            "method.num_demonstrations",
+            cfg.method.num_demonstrations,
+            f"fewer: the instruction and demonstrations take {context_tokens} tokens, and with task.max_length"
+            f"{' + answer tokens' if answer_tokens else ''} that is {needed}, more than the model's {limit} positions",
+        )
     if needed > limit:
         raise ConfigError(
             "prompt.length",
@@ -62,14 +79,18 @@ def build_pipeline(cfg: TrainConfig, splits: tuple[str, ...] = ("train", "valida
     kind = cfg.model.kind or infer_kind(model_config)
     scorer = resolve_scorer(cfg.scorer, kind, list(cfg.task.scorers))
     label_token_ids = [] if cfg.task.choices_fields else verbalizer_tokens(tokenizer, kind, task.verbalizer)
+    check_method(cfg, model_config, kind, scorer)
+    context = apply_design(task, cfg) if cfg.method.name == "prompt_design" else ""
+    # one token of slack: the context and the row may merge differently where they meet
+    context_tokens = len(tokenizer(context, add_special_tokens=False)["input_ids"]) + 1 if context else 0
     answer_tokens = 0
     if kind == "decoder" and scorer != "head":
         longest = max((len(c) for e in task.examples[splits[-1]] for c in e.candidates), default=0)
         answer_tokens = max([len(ids) for ids in label_token_ids] + [longest]) + 1
-    check_lengths(cfg, max_positions(model_config), answer_tokens)
+    check_lengths(cfg, max_positions(model_config), answer_tokens, context_tokens)
     check_precision(cfg, model_config.model_type)
     backbone = load_backbone(cfg.model, task.num_classes if scorer == "head" else None, tokenizer, model_config)
-    return Pipeline(cfg, task, tokenizer, backbone, scorer, label_token_ids)
+    return Pipeline(cfg, task, tokenizer, backbone, scorer, label_token_ids, context, context_tokens)
 
 
 def make_loader(pipeline: Pipeline, split: str, training: bool, seed: int = 0) -> DataLoader:
@@ -79,7 +100,7 @@ def make_loader(pipeline: Pipeline, split: str, training: bool, seed: int = 0) -
     padding; `predict` puts the results back in split order.
     """
     cfg = pipeline.cfg
-    rows = encode(pipeline.task.examples[split], pipeline.tokenizer, pipeline.backbone.kind, pipeline.scorer, cfg.task.max_length)
+    rows = encode(pipeline.task.examples[split], pipeline.tokenizer, pipeline.backbone.kind, pipeline.scorer, pipeline.max_length)
     if not training:
         rows = sorted(rows, key=lambda row: len(row.input_ids))
     return DataLoader(

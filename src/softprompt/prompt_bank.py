@@ -62,6 +62,8 @@ def load_entry(name: str, path: str | Path) -> BankEntry:
     if run_dir.name == "prompt":
         run_dir = run_dir.parent
     cfg = run_config(run_dir)
+    if cfg.method.name != "prompt_tuning":
+        raise UserError(f"prompt {name!r}: {run_dir} was trained with method={cfg.method.name}; a prompt bank serves prompt_tuning runs")
     weights = load_file(str(run_dir / "prompt" / "adapter_model.safetensors")) if (run_dir / "prompt").is_dir() else {}
     if PROMPT_KEY not in weights:
         raise UserError(f"prompt {name!r}: {run_dir} holds no trained prompt (prompt/adapter_model.safetensors)")

@@ -4,7 +4,10 @@ Every run directory found under the given folders is one row, failed and unfinis
 included (they are marked, never dropped). Runs that differ only in their seed are grouped;
 any other config key that varies across the runs becomes a column of its own, so runs that
 differ in it are never averaged together. Figures follow Lester et al. (2021) Fig. 3: the main
-metric against model parameters (log x), one line per prompt length and one per initialisation.
+metric against model parameters (log x), one line per prompt length and one per initialisation;
+and Fig. 1 when the runs compare methods (model tuning, prompt tuning, prompt design, ...): one
+line per method across model sizes (`by_model_size`), and the metric against the number of
+trainable parameters (`by_trainable_params`).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import pandas as pd  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from softprompt import run_dir as records  # noqa: E402
+from softprompt.config import METHOD_KNOBS, flatten  # noqa: E402
 from softprompt.errors import UserError, exit_on_user_error  # noqa: E402
 from softprompt.sweep import NON_RESULT_KEYS  # noqa: E402
 
@@ -28,13 +32,19 @@ SUMMARY_CSV = "summary.csv"
 REPORT_MD = "report.md"
 # the columns of the tidy table, in order; config keys that vary across runs are added after `init`
 COLUMNS = [
-    "run", "model", "parameters", "task", "metric", "prompt_length", "init", "seed",
-    "value", "initial", "best_step", "trainable_params", "train_seconds", "status", "reason",
+    "run", "model", "parameters", "task", "metric", "method", "prompt_length", "init", "seed",
+    "value", "initial", "best_step", "trainable_params", "trainable_fraction", "train_seconds", "status", "reason",
 ]
 # whole numbers (kept as integers in the CSV even where a failed run leaves a gap)
 INTEGER_COLUMNS = ["parameters", "prompt_length", "seed", "best_step", "trainable_params"]
 # config keys the standard columns already show
-SHOWN_KEYS = {"model.name", "model.num_params", "task.name", "task.main_metric", "prompt.length", "prompt.init", "seed"}
+SHOWN_KEYS = {"model.name", "model.num_params", "task.name", "task.main_metric", "method.name", "prompt.length", "prompt.init", "seed"}
+# methods that have a prompt of prompt.length vectors, and the one that has prompt.init
+LENGTH_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
+METHOD_LABELS = {
+    "model_tuning": "model tuning", "prompt_tuning": "prompt tuning", "prompt_design": "prompt design",
+    "prefix_tuning": "prefix tuning", "p_tuning": "p-tuning", "lora": "LoRA",
+}
 # what each figure draws one line per, and its label
 AXES = {"prompt_length": "prompt length", "init": "initialisation"}
 # columns of a user's reference points file (--reference)
@@ -51,35 +61,30 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return sorted(runs)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
-    return flat
-
-
 def load_run(run_path: Path) -> tuple[dict, dict]:
     """One run's table row and its flattened config."""
-    config = _flatten(OmegaConf.to_container(OmegaConf.load(run_path / ".hydra" / "config.yaml"), resolve=False))
+    config = flatten(OmegaConf.to_container(OmegaConf.load(run_path / ".hydra" / "config.yaml"), resolve=False), scalars=True)
     metrics_path = run_path / records.METRICS
     metrics = records.read_json(metrics_path) if metrics_path.is_file() else {}
     metric = metrics.get("main_metric", config.get("task.main_metric"))
+    # runs made before methods existed have no method key: they are prompt tuning
+    method = metrics.get("method", config.get("method.name", "prompt_tuning"))
+    counts = metrics.get("trainable_params", {})
     row = {
         "run": str(run_path),
         "model": metrics.get("model", config.get("model.name")),
         "parameters": metrics.get("model_params", config.get("model.num_params")),
         "task": metrics.get("task", config.get("task.name")),
         "metric": metric,
-        "prompt_length": config.get("prompt.length"),
-        "init": config.get("prompt.init"),
+        "method": method,
+        "prompt_length": config.get("prompt.length") if method in LENGTH_METHODS else None,
+        "init": config.get("prompt.init") if method == "prompt_tuning" else None,
         "seed": metrics.get("seed", config.get("seed")),
         "value": metrics.get("eval", {}).get(metric),
         "initial": metrics.get("initial_eval", {}).get(metric),
         "best_step": metrics.get("best_step"),
-        "trainable_params": metrics.get("trainable_params", {}).get("total"),
+        "trainable_params": counts.get("total"),
+        "trainable_fraction": counts.get("fraction"),
         "train_seconds": metrics.get("train_seconds"),
         # a run with no metrics.json was stopped before training started
         "status": metrics.get("status", "incomplete"),
@@ -92,17 +97,25 @@ def tidy_table(runs: list[Path]) -> pd.DataFrame:
     """One row per run; config keys that differ between runs of one model and task as extra columns."""
     loaded = [load_run(run) for run in runs]
     configs = pd.DataFrame([config for _, config in loaded])
+    if "method.name" not in configs.columns:
+        configs["method.name"] = "prompt_tuning"
+    configs["method.name"] = configs["method.name"].fillna("prompt_tuning")
     ignored = SHOWN_KEYS | set(NON_RESULT_KEYS)
-    # keys set by the model or task choice itself (its hub id, its template) are not extra settings
-    by_choice = configs.astype(str).groupby(["model.name", "task.name"])
+    # keys set by the model, task or method choice itself (its hub id, its template, its learning rate) are
+    # not extra settings
+    by_choice = configs.astype(str).groupby(["model.name", "task.name", "method.name"])
     varying = [key for key in configs.columns if key not in ignored and by_choice[key].nunique(dropna=False).max() > 1]
     table = pd.DataFrame([row for row, _ in loaded], columns=COLUMNS)
     # a run that failed before its model loaded has no measured size: take its model's from the others
     table["parameters"] = table.groupby("model", dropna=False)["parameters"].transform(lambda sizes: sizes.fillna(sizes.max()))
     table = table.astype({column: "Int64" for column in INTEGER_COLUMNS})
     for position, key in enumerate(varying, start=COLUMNS.index("init") + 1):
-        table.insert(position, key, configs[key].astype(str))
-    return table.sort_values(["task", "parameters", "model", "prompt_length", "init", *varying, "seed"], kind="stable", ignore_index=True)
+        values = configs[key].astype(str)
+        if key.startswith("method."):
+            # a method's knob is empty on the rows of methods that do not read it
+            values = values.where([key.removeprefix("method.") in METHOD_KNOBS.get(method, ()) for method in table["method"]], None)
+        table.insert(position, key, values)
+    return table.sort_values(["task", "parameters", "model", "method", "prompt_length", "init", *varying, "seed"], kind="stable", ignore_index=True)
 
 
 def varying_keys(frame: pd.DataFrame) -> list[str]:
@@ -113,7 +126,7 @@ def varying_keys(frame: pd.DataFrame) -> list[str]:
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over seeds of completed runs, for every setting; failures counted."""
-    keys = ["model", "parameters", "task", "metric", "prompt_length", "init", *varying_keys(table)]
+    keys = ["model", "parameters", "task", "metric", "method", "prompt_length", "init", *varying_keys(table)]
     completed = table["status"] == "completed"
     grouped = table.assign(
         done=completed, ok=table["value"].where(completed), ok_initial=table["initial"].where(completed)
@@ -124,6 +137,8 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
         mean=("ok", "mean"),
         std=("ok", "std"),
         initial=("ok_initial", "mean"),
+        trainable_params=("trainable_params", "max"),
+        trainable_fraction=("trainable_fraction", "max"),
     ).reset_index()
 
 
@@ -149,7 +164,7 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
         by_size = rows["parameters"].nunique() > 1
         # across model sizes when there are several (Lester Fig. 3); otherwise along the axis itself
         x_key, line_keys = ("parameters", [axis]) if by_size else (axis, ["model"])
-        others = ["init" if axis == "prompt_length" else "prompt_length", *varying_keys(summary)]
+        others = ["method", "init" if axis == "prompt_length" else "prompt_length", *varying_keys(summary)]
         line_keys += [key for key in others if rows[key].nunique() > 1]
         categorical = x_key == "init"
         positions = {value: index for index, value in enumerate(sorted(rows[x_key].unique(), key=str))}
@@ -189,6 +204,80 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
     return paths
 
 
+def _method_label(row: pd.Series, keys: list[str]) -> str:
+    label = METHOD_LABELS.get(row["method"], str(row["method"]))
+    details = []
+    for key in keys:
+        value = row[key]
+        if _missing(value) or str(value) in ("nan", "None", "<NA>"):
+            continue
+        if key == "method.num_demonstrations":
+            details.append(f"k={value}")
+        elif key == "prompt_length":
+            details.append(f"length {value}")
+        else:
+            details.append(f"{AXES.get(key, key)} {value}")
+    return label + (f" ({', '.join(details)})" if details else "")
+
+
+def method_lines(rows: pd.DataFrame, summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """One line per method setting: the method, and any key that varies within that method's runs."""
+    lines = []
+    for method, group in rows.groupby("method", sort=False):
+        keys = [key for key in ["prompt_length", "init", *varying_keys(summary)] if group[key].astype(str).nunique() > 1]
+        for _, line in group.groupby(keys, sort=True, dropna=False) if keys else [(None, group)]:
+            lines.append((_method_label(line.iloc[0], keys), line))
+    order = list(METHOD_LABELS)
+    return sorted(lines, key=lambda item: (order.index(item[1]["method"].iloc[0]) if item[1]["method"].iloc[0] in order else len(order), item[0]))
+
+
+def draw_methods(summary: pd.DataFrame, x_key: str, reference: pd.DataFrame | None, stem: Path) -> list[Path]:
+    """Lester et al. (2021) Fig. 1: the main metric against model parameters (or trainable parameters), log x,
+    one line per method, error bars = std over seeds; one panel per task. Prompt design trains nothing, so it
+    has no point on the trainable-parameters axis."""
+    data = summary[summary["seeds"] > 0]
+    if x_key == "trainable_params":
+        data = data[data["trainable_params"].fillna(0) > 0]
+    tasks = list(dict.fromkeys(zip(data["task"], data["metric"])))
+    figure, panels = plt.subplots(1, max(len(tasks), 1), figsize=(7.2 * max(len(tasks), 1), 5.0), squeeze=False)
+    markers = "osD^vPX*"
+    for panel, (task, metric) in zip(panels[0], tasks):
+        rows = data[(data["task"] == task) & (data["metric"] == metric)]
+        for number, (label, line) in enumerate(method_lines(rows, summary)):
+            # a method's points are joined in order of model size, on either axis
+            line = line.sort_values(["parameters", x_key])
+            xs = line[x_key].astype(float)
+            style = {"linestyle": "--"} if line["method"].iloc[0] == "prompt_design" else {}
+            panel.errorbar(xs, line["mean"], yerr=line["std"].fillna(0), marker=markers[number % len(markers)], capsize=4, label=label, **style)
+            if x_key == "trainable_params":
+                for x, y, model in zip(xs, line["mean"], line["model"]):
+                    panel.annotate(model, (x, y), textcoords="offset points", xytext=(5, -10), fontsize=7, color="grey")
+        if reference is not None and x_key == "parameters":
+            points = reference[reference["task"].isin([task, "*"])]
+            for label, group in points.groupby("label", sort=False):
+                panel.plot(group["parameters"], group["value"], linestyle=":", marker="s", fillstyle="none", color="grey", label=label)
+        panel.set_xscale("log")
+        if x_key == "parameters":
+            panel.minorticks_off()
+            ticks = rows.drop_duplicates("parameters").sort_values("parameters")
+            panel.set_xticks(ticks["parameters"].astype(float).tolist(), [f"{_millions(size)}\n{model}" for size, model in zip(ticks["parameters"], ticks["model"])])
+            panel.set_xlabel("model parameters")
+            panel.set_title(f"{task}: {metric} by model size and method")
+        else:
+            panel.set_xlabel("trainable parameters")
+            panel.set_title(f"{task}: {metric} by trainable parameters" + (" (prompt design trains none)" if "prompt_design" in set(summary["method"]) else ""))
+        panel.set_ylabel(f"{metric} (mean ± std over seeds)")
+        panel.grid(True, which="both", alpha=0.3)
+        panel.legend(fontsize=8)
+    figure.tight_layout()
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    with plt.rc_context({"svg.fonttype": "none"}):
+        for path in paths:
+            figure.savefig(path, dpi=150)
+    plt.close(figure)
+    return paths
+
+
 def read_reference(path: Path) -> pd.DataFrame:
     """Reference points to overlay: CSV with columns task (or * for every task), parameters, value, label."""
     try:
@@ -212,6 +301,8 @@ def _markdown(frame: pd.DataFrame) -> str:
             return f"{value:.4f}"
         if column == "train_seconds":
             return f"{value:.1f}"
+        if column == "trainable_fraction":
+            return f"{value:.4%}"
         return f"{value:,}" if isinstance(value, int) or column in INTEGER_COLUMNS else str(value)
 
     shown = pd.DataFrame({column: [cell(column, value) for value in frame[column]] for column in frame.columns})
@@ -231,11 +322,18 @@ def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = 
     table.to_csv(written["results"], index=False)
     summary.to_csv(written["summary"], index=False)
 
-    varying_axes = [axis for axis in AXES if summary.loc[summary["seeds"] > 0, axis].nunique() > 1]
+    done = summary[summary["seeds"] > 0]
+    # a prompt-length or initialisation figure when one method's runs vary it
+    varying_axes = [axis for axis in AXES if done.groupby("method")[axis].nunique().max() > 1] if len(done) else []
+    methods = done["method"].nunique() > 1
     figures = []
-    if (summary["seeds"] > 0).any():
-        for axis in varying_axes or ["prompt_length"]:
+    if len(done):
+        for axis in varying_axes or ([] if methods else ["prompt_length"]):
             figures += draw_figure(summary, axis, reference, out / f"by_{axis}")
+        if methods:
+            figures += draw_methods(summary, "parameters", reference, out / "by_model_size")
+            if (done["trainable_params"].fillna(0) > 0).any():
+                figures += draw_methods(summary, "trainable_params", None, out / "by_trainable_params")
 
     counts = table["status"].value_counts()
     spread = [

@@ -7,8 +7,12 @@
   the candidate it spells out (trained like `rank`, on the gold answer's tokens).
 
 Every row carries its own prompt (a (batch, length, width) tensor), so rows tuned for different
-tasks can share a batch. Only the logits that are scored are computed: the answer positions
-(decoders) or the answer tokens (encoder-decoders), never the soft-prompt positions.
+tasks can share a batch. The same paths serve every method (method.py): p-tuning's prompt comes
+from its prompt encoder; LoRA, model tuning and prompt design prepend an empty prompt; prefix
+tuning prepends nothing to the input but gives every attention layer its prefix as past keys and
+values, so masks cover the prefix and the input's positions start after it, as in PEFT.
+Only the logits that are scored are computed: the answer positions (decoders) or the answer
+tokens (encoder-decoders), never the soft-prompt positions.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 from torch import nn
+from transformers import DynamicCache, EncoderDecoderCache
 
 from softprompt.backbone import HEAD_NAMES
 from softprompt.batching import IGNORE
@@ -47,16 +52,19 @@ class ScoreOutput:
 
 
 class PromptedModel(nn.Module):
-    """The frozen backbone behind PEFT's adapter, called with soft prompts prepended to each row."""
+    """The backbone behind a PEFT adapter (or alone: model tuning, prompt design), called with soft prompts prepended to each row."""
 
-    def __init__(self, peft_model: PeftModel, kind: str, scorer: str, reduction: str = "sum", backbone_dropout: bool = True):
+    def __init__(self, peft_model: nn.Module, kind: str, scorer: str, reduction: str = "sum", backbone_dropout: bool = True):
         super().__init__()
         self.peft_model = peft_model
         self.kind, self.scorer, self.reduction = kind, scorer, reduction
         self.backbone_dropout = backbone_dropout
+        kind_of = peft_model.active_peft_config.peft_type if isinstance(peft_model, PeftModel) else None
+        self.peft_type = getattr(kind_of, "value", kind_of)
+        self.prefix_length = peft_model.active_peft_config.num_virtual_tokens if self.peft_type == "PREFIX_TUNING" else 0
 
     def train(self, mode: bool = True) -> "PromptedModel":
-        """Without backbone dropout the frozen backbone (head included) stays in evaluation mode while training."""
+        """Without backbone dropout the backbone (head and adapters included) stays in evaluation mode while training."""
         super().train(mode)
         if mode and not self.backbone_dropout:
             self.backbone.eval()
@@ -64,16 +72,31 @@ class PromptedModel(nn.Module):
 
     @property
     def backbone(self) -> nn.Module:
-        return self.peft_model.base_model
+        return self.peft_model.base_model if isinstance(self.peft_model, PeftModel) else self.peft_model
 
     def row_prompts(self, rows: int) -> torch.Tensor:
-        return prompt_parameter(self.peft_model).unsqueeze(0).expand(rows, -1, -1)
+        if self.peft_type == "PROMPT_TUNING":
+            return prompt_parameter(self.peft_model).unsqueeze(0).expand(rows, -1, -1)
+        if self.peft_type == "P_TUNING":
+            return self.peft_model.get_prompt(1).expand(rows, -1, -1)
+        embedding = self.backbone.get_input_embeddings()
+        return embedding.weight.new_zeros(rows, 0, embedding.embedding_dim)
 
     def _prepend(self, prompts: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         embeddings = self.backbone.get_input_embeddings()(input_ids)
         inputs = torch.cat([prompts.to(embeddings.dtype), embeddings], dim=1)
         ones = attention_mask.new_ones(prompts.shape[:2])
         return inputs, torch.cat([ones, attention_mask], dim=1)
+
+    def _prefix(self, mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """Prefix tuning: each row's past keys and values, and its mask with the prefix positions in front."""
+        if not self.prefix_length:
+            return {}, mask
+        rows = mask.shape[0]
+        cache = self.peft_model.get_prompt(rows)
+        if self.kind == "encoder_decoder":
+            cache = EncoderDecoderCache(cache, DynamicCache())
+        return {"past_key_values": cache}, torch.cat([mask.new_ones(rows, self.prefix_length), mask], dim=1)
 
     def forward(
         self,
@@ -98,7 +121,8 @@ class PromptedModel(nn.Module):
             types = batch["token_type_ids"]
             extra["token_type_ids"] = torch.cat([types.new_zeros(prompts.shape[:2]), types], dim=1)
         if heads is None:
-            logits = self.backbone(inputs_embeds=inputs, attention_mask=mask, **extra).logits.float()
+            prefix, mask = self._prefix(mask)
+            logits = self.backbone(inputs_embeds=inputs, attention_mask=mask, **extra, **prefix).logits.float()
             return ScoreOutput(nn.functional.cross_entropy(logits, batch["labels"]), logits.log_softmax(-1))
         # one pass through the body; each row then goes through the head of its own prompt's task
         features = []
@@ -121,7 +145,8 @@ class PromptedModel(nn.Module):
         if "answer_ids" in batch:
             return self._decoder_shared_input(batch, prompts)
         inputs, mask = self._prepend(prompts[batch["pair_row"]], batch["input_ids"], batch["attention_mask"])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + self.prefix_length
+        prefix, mask = self._prefix(mask)
         targets = batch["targets"]
         answer_length = targets.shape[1]
         logits = self.backbone(
@@ -129,7 +154,8 @@ class PromptedModel(nn.Module):
             attention_mask=mask,
             position_ids=positions,
             logits_to_keep=answer_length + 1,
-            use_cache=False,
+            use_cache=bool(prefix),
+            **prefix,
         ).logits[:, :-1]
         return _token_log_probs(logits, targets)
 
@@ -140,10 +166,13 @@ class PromptedModel(nn.Module):
         need no second pass; longer ones are fed (right-padded) on top of their row's cache.
         """
         inputs, mask = self._prepend(prompts, batch["input_ids"], batch["attention_mask"])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + self.prefix_length
+        prefix, mask = self._prefix(mask)
         targets, pair_row = batch["targets"], batch["pair_row"]
         longer = targets.shape[1] > 1
-        output = self.backbone(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, logits_to_keep=1, use_cache=longer)
+        output = self.backbone(
+            inputs_embeds=inputs, attention_mask=mask, position_ids=positions, logits_to_keep=1, use_cache=longer or bool(prefix), **prefix
+        )
         logits = output.logits[pair_row]
         if longer:
             cache = output.past_key_values
@@ -166,11 +195,16 @@ class PromptedModel(nn.Module):
         encoded = self.backbone.get_encoder()(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
         pair_row = batch["pair_row"]
         targets = batch["targets"]
+        decoder_inputs = self.backbone.prepare_decoder_input_ids_from_labels(labels=targets)
+        # prefix tuning: the decoder's self-attention reads the prefix before the answer tokens
+        prefix, decoder_mask = self._prefix(torch.ones_like(decoder_inputs))
         logits = self.backbone(
             encoder_outputs=(encoded[pair_row],),
             attention_mask=mask[pair_row],
-            decoder_input_ids=self.backbone.prepare_decoder_input_ids_from_labels(labels=targets),
-            use_cache=False,
+            decoder_input_ids=decoder_inputs,
+            decoder_attention_mask=decoder_mask if prefix else None,
+            use_cache=bool(prefix),
+            **prefix,
         ).logits
         return _token_log_probs(logits, targets)
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from softprompt import run_dir as records
+from softprompt.config import MethodConfig
 
 log = logging.getLogger("softprompt")
 
@@ -37,9 +39,17 @@ KEY_FIELD = "config_key"
 KEY_LENGTH = 10
 
 
+def drop_default_method(tree: dict) -> dict:
+    """Runs made before `method` existed were prompt tuning: the default method with its default knobs is
+    left out of keys and comparisons, so their config keys and checkpoints stay valid."""
+    if tree.get("method") == asdict(MethodConfig()):
+        tree.pop("method")
+    return tree
+
+
 def _result_config(cfg: DictConfig) -> dict:
     """The resolved config without Hydra's node and without the keys that cannot change a result."""
-    tree = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]), resolve=True)
+    tree = drop_default_method(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]), resolve=True))
     for dotted in NON_RESULT_KEYS:
         *parents, leaf = dotted.split(".")
         node = tree
@@ -58,7 +68,18 @@ def config_key(cfg: DictConfig) -> str:
 
 def job_name(cfg: DictConfig) -> str:
     """A readable folder name for one job that ends in its config key."""
-    parts = [cfg.model.name, cfg.task.name, f"len{cfg.prompt.length}", cfg.prompt.init, f"seed{cfg.seed}", config_key(cfg)]
+    method = OmegaConf.select(cfg, "method.name", default="prompt_tuning")
+    if method == "prompt_tuning":
+        parts = [cfg.model.name, cfg.task.name, f"len{cfg.prompt.length}", cfg.prompt.init]
+    elif method == "prompt_design":
+        parts = [cfg.model.name, cfg.task.name, method, f"k{cfg.method.num_demonstrations}"]
+    elif method in ("prefix_tuning", "p_tuning"):
+        parts = [cfg.model.name, cfg.task.name, method, f"len{cfg.prompt.length}"]
+    elif method == "lora":
+        parts = [cfg.model.name, cfg.task.name, method, f"r{cfg.method.lora_r}"]
+    else:
+        parts = [cfg.model.name, cfg.task.name, method]
+    parts += [f"seed{cfg.seed}", config_key(cfg)]
     return "_".join(re.sub(r"[^\w.-]+", "-", str(part)) for part in parts)
 
 

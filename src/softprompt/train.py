@@ -31,12 +31,12 @@ from softprompt import checkpoint
 from softprompt import run_dir as records
 from softprompt import sweep
 from softprompt.cli import CONF_DIR, compose_config, compose_or_exit, job_overrides, split_argv
-from softprompt.config import TrainConfig, TrainerConfig, flat_config, register_configs, validate
+from softprompt.config import TrainConfig, TrainerConfig, flatten, register_configs, validate
 from softprompt.distributed import check_launch
 from softprompt.errors import ConfigError, UserError, exit_on_user_error
 from softprompt.pipeline import build_pipeline, evaluate, make_loader
+from softprompt.method import RENDERED_PROMPTS, build_model, parameter_counts, trains, write_rendered_prompts
 from softprompt.scorer import PromptedModel
-from softprompt.soft_prompt import attach_prompt, trainable_counts
 
 log = logging.getLogger("softprompt")
 
@@ -54,7 +54,8 @@ def make_scheduler(cfg: TrainerConfig, optimizer: torch.optim.Optimizer):
 
 
 def save_prompt(accelerator: Accelerator, model: PromptedModel, run_path: Path) -> None:
-    """The adapter in PEFT's own format, swapped in atomically (readers never see half a prompt)."""
+    """What was trained, swapped in atomically (readers never see half a prompt): the adapter in PEFT's
+    own format, or for model tuning the whole model in transformers' (safetensors)."""
     if not accelerator.is_main_process:
         return
     build = run_path / f".{records.PROMPT_DIR}.build"
@@ -147,6 +148,8 @@ def train(cfg: TrainConfig, run_path: Path) -> dict:
         return snapshot.progress.result
     with Preemption() as preemption:
         try:
+            if not trains(cfg):
+                return _evaluate_design(cfg, run_path)
             return _train(cfg, run_path, snapshot, preemption)
         except Exception as error:
             if not isinstance(error, UserError) and PartialState().is_main_process and records.status(run_path) == "running":
@@ -164,8 +167,8 @@ def _train(cfg: TrainConfig, run_path: Path, snapshot: checkpoint.Snapshot | Non
     set_seed(cfg.seed)
     pipeline = build_pipeline(cfg)
     task, backbone, scorer = pipeline.task, pipeline.backbone, pipeline.scorer
-    peft_model = attach_prompt(backbone, cfg.prompt, pipeline.label_token_ids, head=scorer == "head", seed=cfg.seed)
-    counts = trainable_counts(peft_model)
+    peft_model = build_model(backbone, cfg, pipeline.label_token_ids, head=scorer == "head", seed=cfg.seed)
+    counts = parameter_counts(peft_model, cfg.method.name, backbone.num_params)
     model = PromptedModel(peft_model, backbone.kind, scorer, cfg.scorer.reduction, cfg.trainer.backbone_dropout)
     train_loader = make_loader(pipeline, "train", training=True, seed=cfg.seed)
     # the shuffle's generator: its state at an epoch's start fixes that epoch's order
@@ -190,14 +193,14 @@ def _train(cfg: TrainConfig, run_path: Path, snapshot: checkpoint.Snapshot | Non
     env = records.environment(
         accelerator.num_processes, str(accelerator.device), cfg.trainer.batch_size, cfg.trainer.grad_accum, cfg.seed
     )
-    identity = {"model": backbone.name, "model_params": backbone.num_params, "task": task.name, "scorer": scorer}
+    identity = {"method": cfg.method.name, "model": backbone.name, "model_params": backbone.num_params, "task": task.name, "scorer": scorer}
     if main:
         records.write_json(run_path / records.ENV, env)
         records.write_json(run_path / "task.json", {"name": task.name, "splits": task.provenance, "counts": {s: len(r) for s, r in task.rows.items()}})
         records.mark(run_path, "running", **identity)
     if cfg.trainer.log_with:
-        tracked = {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in flat_config(cfg).items()}
-        accelerator.init_trackers("softprompt", config=tracked)
+        tracked = flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), scalars=True)
+        accelerator.init_trackers("softprompt", config={key: value for key, value in tracked.items() if value is not None})
 
     main_metric = cfg.task.main_metric
     if snapshot is None:
@@ -319,6 +322,48 @@ def _train(cfg: TrainConfig, run_path: Path, snapshot: checkpoint.Snapshot | Non
     return result
 
 
+def _evaluate_design(cfg: TrainConfig, run_path: Path) -> dict:
+    """method=prompt_design: nothing trains. Evaluate the instruction and demonstrations once, and write the
+    exact text of the first validation rows to rendered_prompts.txt, for the user to read and edit."""
+    accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision)
+    set_seed(cfg.seed)
+    pipeline = build_pipeline(cfg)
+    task, backbone = pipeline.task, pipeline.backbone
+    model = PromptedModel(build_model(backbone, cfg, pipeline.label_token_ids, head=False, seed=cfg.seed), backbone.kind, pipeline.scorer, cfg.scorer.reduction)
+    eval_loader = make_loader(pipeline, "validation", training=False)
+    model, eval_loader = accelerator.prepare(model, eval_loader)
+    main = accelerator.is_main_process
+    identity = {"method": cfg.method.name, "model": backbone.name, "model_params": backbone.num_params, "task": task.name, "scorer": pipeline.scorer}
+    if main:
+        _start_over(run_path)
+        records.write_json(run_path / records.ENV, records.environment(accelerator.num_processes, str(accelerator.device), cfg.trainer.batch_size, 1, cfg.seed))
+        records.write_json(run_path / "task.json", {"name": task.name, "splits": task.provenance, "counts": {s: len(r) for s, r in task.rows.items()}})
+        write_rendered_prompts(run_path / RENDERED_PROMPTS, task, pipeline.tokenizer, pipeline.max_length, cfg.method.show_rows, pipeline.context)
+        records.mark(run_path, "running", **identity)
+    started = time.perf_counter()
+    metrics = evaluate(model, eval_loader, accelerator, task, cfg.trainer.progress_bar)
+    seconds = time.perf_counter() - started
+    log.info("prompt design, %d demonstrations: %s", cfg.method.num_demonstrations, _describe(metrics))
+    result = {
+        **identity,
+        "eval": metrics,
+        "initial_eval": metrics,
+        "main_metric": cfg.task.main_metric,
+        "eval_examples": len(task.examples["validation"]),
+        "best_step": 0,
+        "steps": 0,
+        "trainable_params": parameter_counts(model, cfg.method.name, backbone.num_params),
+        "context_tokens": pipeline.context_tokens,
+        "train_seconds": 0.0,
+        "eval_seconds": round(seconds, 3),
+        "train_samples_per_second": 0.0,
+        "seed": cfg.seed,
+    }
+    if main:
+        records.mark(run_path, "completed", **result)
+    return result
+
+
 def _describe(metrics: dict) -> str:
     return ", ".join(f"{key}={value:.4f}" for key, value in metrics.items())
 
@@ -342,10 +387,15 @@ def check_output_dir(argv: list[str]) -> None:
 def summary(result: dict, run_path: Path) -> str:
     metric = result["main_metric"]
     counts = result["trainable_params"]
+    method = result.get("method", "prompt_tuning")
+    if method == "prompt_design":
+        return f"{metric}: {result['eval'][metric]:.4f} (prompt design, nothing trained) | {result['eval_seconds']:.1f}s | run: {run_path}"
+    parts = ", ".join(f"{part} {counts[part]:,}" for part in ("prompt", "adapter", "backbone", "head") if counts.get(part) or part in ("prompt", "head") and method == "prompt_tuning")
+    fraction = f", {counts['fraction']:.4%} of the backbone" if counts.get("fraction") is not None else ""
     return (
         f"{metric}: {result['initial_eval'][metric]:.4f} at step 0 -> {result['eval'][metric]:.4f} "
-        f"(best, step {result['best_step']}) | trainable parameters: {counts['total']:,} "
-        f"(prompt {counts['prompt']:,}, head {counts['head']:,}) | {result['train_seconds']:.1f}s | run: {run_path}"
+        f"(best, step {result['best_step']}) | {method} | trainable parameters: {counts['total']:,} "
+        f"({parts}{fraction}) | {result['train_seconds']:.1f}s | run: {run_path}"
     )
 
 

@@ -1,0 +1,281 @@
+"""Method: what a run trains on top of the backbone, so every method shares tasks, scorers, loop and report.
+
+- `prompt_tuning` (the default): the soft prompt of soft_prompt.py, PEFT's PromptTuningConfig;
+- `model_tuning`: every backbone weight (no adapter), refused when it will not fit in memory;
+- `prompt_design`: nothing; an optional instruction and k solved train rows go before each row's text;
+- `prefix_tuning`: PEFT's PrefixTuningConfig, trainable keys and values in every attention layer;
+- `p_tuning`: PEFT's PromptEncoderConfig, virtual tokens through an MLP (or LSTM) prompt encoder;
+- `lora`: PEFT's LoraConfig, low-rank updates of the attention projections.
+
+Encoders keep a trained classification head under every method but prompt design, which cannot
+train one: prompt design needs a language model and rank classification (or generation).
+
+Where PEFT would allocate parameters that never receive a gradient we ask it not to, as for the
+soft prompt: prefix tuning and p-tuning on encoder-decoders use one copy
+(`num_transformer_submodules=1`). Prefix tuning on T5 then puts its prefix on the decoder's
+self-attention (the layers PEFT's seq2seq prefix reaches too); the encoder gets none.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, PeftType, PrefixTuningConfig, PromptEncoderConfig, get_peft_model
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+from transformers import PretrainedConfig
+
+from softprompt.backbone import Backbone, _is_head, model_class
+from softprompt.config import TrainConfig
+from softprompt.errors import ConfigError, UserError
+from softprompt.soft_prompt import attach_prompt, task_type
+from softprompt.task import Task
+
+# methods whose trained vectors are prepended to the input embeddings (each row can carry its own)
+PROMPT_METHODS = ("prompt_tuning", "p_tuning")
+# LoRA targets for architectures PEFT has no default for
+LORA_TARGETS = {"mpnet": ["q", "v"]}
+RENDERED_PROMPTS = "rendered_prompts.txt"
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GIB = 1024**3
+
+
+def trains(cfg: TrainConfig) -> bool:
+    return cfg.method.name != "prompt_design"
+
+
+def check_method(cfg: TrainConfig, model_config: PretrainedConfig, kind: str, scorer: str) -> None:
+    """What the chosen method cannot do with this model and scorer, before any weights load."""
+    method = cfg.method.name
+    if method == "prompt_design" and scorer == "head":
+        raise ConfigError(
+            "method.name", method,
+            f"a method that trains for the encoder {cfg.model.name!r}: prompt design scores answers with a language "
+            "model (rank or generate), and an encoder's classification head would be untrained",
+        )
+    if method == "prefix_tuning":
+        if scorer == "generate":
+            raise ConfigError("scorer.name", scorer, "rank or head with method=prefix_tuning (generation from a prefix cache is not supported)")
+        from transformers import AutoModel
+
+        try:
+            mapped = AutoModel._model_mapping[type(model_config)]
+        except (KeyError, AttributeError):
+            mapped = None
+        if mapped is not None and not _takes_past_key_values(mapped):
+            raise ConfigError(
+                "method.name", method,
+                f"a method other than prefix_tuning for {cfg.model.name!r}: {mapped.__name__}'s attention takes no past key values",
+            )
+    if method == "model_tuning" and not cfg.method.ignore_memory_check:
+        check_memory(cfg, model_config, kind, scorer)
+
+
+def _takes_past_key_values(cls) -> bool:
+    import inspect
+
+    return "past_key_values" in inspect.signature(cls.forward).parameters
+
+
+def parameter_shapes(cfg: TrainConfig, model_config: PretrainedConfig, kind: str, scorer: str) -> list[torch.Size]:
+    """The shapes of every parameter of the model as it would load, built on the meta device (no memory)."""
+    config = model_config.__class__.from_dict(model_config.to_dict())
+    if scorer == "head":
+        config.num_labels = 2
+    with torch.device("meta"):
+        model = model_class(kind, 2 if scorer == "head" else None).from_config(config)
+    return [p.shape for p in model.parameters()]
+
+
+def optimizer_state_bytes(shapes: list[torch.Size], optimizer: str, weight_bytes: int) -> int:
+    """AdamW keeps two moments per weight (in the weight's dtype); Adafactor (no momentum) keeps row and
+    column second moments of every matrix and a full one of every vector, in fp32."""
+    if optimizer == "adamw":
+        return sum(2 * weight_bytes * shape.numel() for shape in shapes)
+    return sum(4 * ((shape[:-1].numel() + shape[:-2].numel() * shape[-1]) if len(shape) >= 2 else shape.numel()) for shape in shapes)
+
+
+def available_memory() -> tuple[int, str]:
+    """Free bytes where the weights will live: the current CUDA device, else this machine's available RAM."""
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return free, f"free on {torch.cuda.get_device_name()}"
+    try:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    except ImportError:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    # several processes on one machine without GPUs each hold a copy
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return free // processes, "of CPU memory available" + (f" per process ({processes} processes)" if processes > 1 else "")
+
+
+def memory_estimate(cfg: TrainConfig, model_config: PretrainedConfig, kind: str, scorer: str) -> tuple[int, int, str]:
+    """(bytes, parameters, how the bytes were counted) for training every weight: weights + gradients + optimiser."""
+    shapes = parameter_shapes(cfg, model_config, kind, scorer)
+    count = sum(shape.numel() for shape in shapes)
+    weight = BYTES[cfg.model.dtype]
+    states = optimizer_state_bytes(shapes, cfg.trainer.optimizer, weight)
+    total = count * 2 * weight + states
+    how = f"{count:,} parameters: {cfg.model.dtype} weights {weight} + gradients {weight} + {cfg.trainer.optimizer} states {states / count:.2g} bytes each"
+    return total, count, how
+
+
+def check_memory(cfg: TrainConfig, model_config: PretrainedConfig, kind: str, scorer: str, available: tuple[int, str] | None = None) -> None:
+    needed, _, how = memory_estimate(cfg, model_config, kind, scorer)
+    free, where = available or available_memory()
+    if needed > free:
+        raise UserError(
+            f"method=model_tuning of {cfg.model.name} needs about {needed / GIB:,.1f} GiB ({how}), not counting activations, "
+            f"but {free / GIB:,.1f} GiB is {where}: use a smaller model, model.dtype=bfloat16 or trainer.optimizer=adafactor, "
+            "or set method.ignore_memory_check=true to try anyway"
+        )
+
+
+def lora_targets(cfg: TrainConfig, model_type: str) -> list[str]:
+    if cfg.method.target_modules:
+        return list(cfg.method.target_modules)
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type) or LORA_TARGETS.get(model_type)
+    if not targets:
+        raise ConfigError("method.target_modules", None, f"the names of the {model_type} modules to adapt (PEFT has no default for it)")
+    return list(targets)
+
+
+def build_model(backbone: Backbone, cfg: TrainConfig, label_token_ids: list[list[int]], head: bool, seed: int) -> nn.Module:
+    """The model to train: the backbone behind the method's PEFT adapter, or the backbone itself."""
+    method = cfg.method
+    if method.name == "prompt_tuning":
+        return attach_prompt(backbone, cfg.prompt, label_token_ids, head=head, seed=seed)
+    if method.name in ("model_tuning", "prompt_design"):
+        backbone.model.requires_grad_(method.name == "model_tuning")
+        return backbone.model
+    kind_task = task_type(backbone.kind, head)
+    hidden = method.encoder_hidden_size or backbone.width
+    if method.name == "p_tuning":
+        peft_config = PromptEncoderConfig(
+            task_type=kind_task,
+            num_virtual_tokens=cfg.prompt.length,
+            token_dim=backbone.width,
+            num_transformer_submodules=1,
+            encoder_hidden_size=hidden,
+            encoder_reparameterization_type=method.encoder_reparameterization_type,
+            encoder_num_layers=method.encoder_num_layers,
+            encoder_dropout=method.encoder_dropout,
+        )
+    elif method.name == "prefix_tuning":
+        peft_config = PrefixTuningConfig(
+            task_type=kind_task,
+            num_virtual_tokens=cfg.prompt.length,
+            num_transformer_submodules=1,
+            prefix_projection=method.prefix_projection,
+            encoder_hidden_size=hidden,
+        )
+    else:
+        peft_config = LoraConfig(
+            task_type=kind_task,
+            r=method.lora_r,
+            lora_alpha=method.lora_alpha,
+            lora_dropout=method.lora_dropout,
+            target_modules=lora_targets(cfg, backbone.model.config.model_type),
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = get_peft_model(backbone.model, peft_config)
+        except ValueError as error:
+            if method.name == "lora":
+                raise ConfigError("method.target_modules", method.target_modules, f"module names of {backbone.name} ({str(error).splitlines()[0]})") from None
+            raise
+    # trained parameters stay fp32 even when the backbone runs in bf16/fp16
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    return model
+
+
+def peft_type(model: nn.Module) -> str | None:
+    """The PEFT method of a model (PROMPT_TUNING, P_TUNING, PREFIX_TUNING, LORA), None for a plain model."""
+    if not isinstance(model, PeftModel):
+        return None
+    kind = model.active_peft_config.peft_type
+    return kind.value if isinstance(kind, PeftType) else str(kind)
+
+
+def parameter_counts(model: nn.Module, method: str, backbone_params: int) -> dict:
+    """Trainable parameters by part (prompt or prefix with its encoder, LoRA adapter, backbone weights,
+    head), their total, and the total as a fraction of the backbone's parameters.
+
+    Only model tuning may train backbone weights; anything else with a trainable backbone weight is a bug.
+    """
+    parts = {"prompt": 0, "adapter": 0, "backbone": 0, "head": 0}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if "prompt_encoder" in name:
+            part = "prompt"
+        elif "lora_" in name:
+            part = "adapter"
+        elif "modules_to_save" in name or _is_head(name.removeprefix("base_model.model.")):
+            part = "head"
+        else:
+            part = "backbone"
+        parts[part] += parameter.numel()
+    if parts["backbone"] and method != "model_tuning":
+        wrong = [n for n, p in model.named_parameters() if p.requires_grad and "prompt_encoder" not in n and "lora_" not in n and "modules_to_save" not in n]
+        raise UserError(f"backbone parameters are trainable but must be frozen under method={method}: {', '.join(wrong[:3])}")
+    total = sum(parts.values())
+    return {**parts, "total": total, "fraction": round(total / backbone_params, 10) if backbone_params else None}
+
+
+# --- prompt design -------------------------------------------------------------------------------
+
+
+def design_context(task: Task, cfg: TrainConfig) -> str:
+    """The text before every row: the instruction, then k solved train rows, each ended by the separator."""
+    method = cfg.method
+    parts = [method.instruction] if method.instruction else []
+    if method.num_demonstrations:
+        train = task.examples.get("train", [])
+        if len(train) < method.num_demonstrations:
+            raise ConfigError("method.num_demonstrations", method.num_demonstrations, f"at most {len(train)}, the train rows of {task.name}")
+        picks = random.Random(method.demonstration_seed).sample(range(len(train)), method.num_demonstrations)
+        for index in picks:
+            example = train[index]
+            parts.append(f"{example.text} {example.candidates[example.label]}")
+    return "".join(part + method.separator for part in parts)
+
+
+def apply_design(task: Task, cfg: TrainConfig) -> str:
+    """Put the prompt-design context before the text of every row scored (train rows are what demonstrations
+    are drawn from, and stay bare); returns the context."""
+    context = design_context(task, cfg)
+    if context:
+        for split, examples in task.examples.items():
+            if split == "train":
+                continue
+            task.examples[split] = [replace(example, text=context + example.text) for example in examples]
+    return context
+
+
+def write_rendered_prompts(path: Path, task: Task, tokenizer, max_length: int, rows: int, context: str) -> None:
+    """The exact text the model reads for the first validation rows, with their candidates and gold answer."""
+    examples = task.examples["validation"][:rows]
+    lines = [
+        f"# prompt design on {task.name}: instruction and demonstrations ({len(tokenizer(context, add_special_tokens=False)['input_ids'])} tokens) "
+        f"then the row's template; each candidate answer is scored after the text (rank classification)",
+        "",
+    ]
+    for number, example in enumerate(examples, start=1):
+        tokens = len(tokenizer(example.text)["input_ids"])
+        note = f", cut to {max_length} tokens (task.max_length + the context)" if tokens > max_length else ""
+        lines += [
+            f"===== validation row {number}: {tokens} tokens{note}; candidates: {' | '.join(example.candidates)}; "
+            f"gold: {example.candidates[example.label]} =====",
+            example.text,
+            "",
+        ]
+    path.write_text("\n".join(lines), encoding="utf-8")

@@ -17,6 +17,7 @@ self-attention (the layers PEFT's seq2seq prefix reaches too); the encoder gets 
 """
 from __future__ import annotations
 
+import inspect
 import os
 import random
 from dataclasses import replace
@@ -26,7 +27,7 @@ import torch
 from peft import LoraConfig, PeftModel, PeftType, PrefixTuningConfig, PromptEncoderConfig, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import AutoModel, PretrainedConfig
 
 from softprompt.backbone import Backbone, _is_head, model_class
 from softprompt.config import TrainConfig
@@ -59,8 +60,6 @@ def check_method(cfg: TrainConfig, model_config: PretrainedConfig, kind: str, sc
     if method == "prefix_tuning":
         if scorer == "generate":
             raise ConfigError("scorer.name", scorer, "rank or head with method=prefix_tuning (generation from a prefix cache is not supported)")
-        from transformers import AutoModel
-
         try:
             mapped = AutoModel._model_mapping[type(model_config)]
         except (KeyError, AttributeError):
@@ -75,8 +74,6 @@ def check_method(cfg: TrainConfig, model_config: PretrainedConfig, kind: str, sc
 
 
 def _takes_past_key_values(cls) -> bool:
-    import inspect
-
     return "past_key_values" in inspect.signature(cls.forward).parameters
 
 

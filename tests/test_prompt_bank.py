@@ -7,15 +7,16 @@ import json
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import quick_overrides, run_cli
 from peft import PeftModel
 
-from conftest import quick_overrides, run_cli
 from softprompt.cli import compose_config
 from softprompt.config import validate
 from softprompt.errors import UserError
 from softprompt.pipeline import build_pipeline, make_loader, predict
 from softprompt.predict import score_rows
 from softprompt.prompt_bank import PromptBank
+from softprompt.report import write_report
 from softprompt.scorer import PromptedModel
 
 WORDS = {"red": ["fire", "blood", "rose"], "green": ["grass", "leaf", "frog"], "blue": ["sky", "sea", "ice"]}
@@ -128,6 +129,10 @@ def test_predict_cli_mixed_file_and_ensemble(tmp_path):
         assert value == pytest.approx(json.loads((run / "metrics.json").read_text())["eval"]["accuracy"], abs=1e-6)
     assert ensemble["mean"] == pytest.approx(sum(per_prompt) / 2) and ensemble["best"] == max(per_prompt)
     assert 0 <= ensemble["vote"]["accuracy"] <= 1 and ensemble["eval_examples"] == 24
+    # the sweep's report shows the ensemble beside its members' mean and best
+    report = write_report([tmp_path], tmp_path / "report")["markdown"].read_text()
+    ensemble_row = report[report.index("## Ensembles"):].splitlines()[4]
+    assert f"{ensemble['mean']:.4f}" in ensemble_row and f"{ensemble['vote']['accuracy']:.4f}" in ensemble_row
 
 
 @pytest.mark.parametrize(

@@ -154,11 +154,11 @@ def main(argv: list[str] | None = None) -> None:
         bank = PromptBank.load({Path(path).name or path: path for path in args.ensemble})
         result = evaluate_ensemble(bank, args.batch_size)
         output = args.output or Path(args.ensemble[0]).resolve().parent
-        records.write_json(output / "ensemble.json", result)
+        records.write_json(output / records.ENSEMBLE, result)
         main_metric = result["main_metric"]
         print(
             f"{result['task']} ({len(bank.names)} prompts): mean {result['mean']:.4f}, best {result['best']:.4f}, "
-            f"vote {result['vote'][main_metric]:.4f}, mean log-prob {result['mean_log_prob'][main_metric]:.4f} -> {output / 'ensemble.json'}"
+            f"vote {result['vote'][main_metric]:.4f}, mean log-prob {result['mean_log_prob'][main_metric]:.4f} -> {output / records.ENSEMBLE}"
         )
         return
     sources = parse_sources(args.prompts)

@@ -309,6 +309,23 @@ def _markdown(frame: pd.DataFrame) -> str:
     return shown.to_markdown(index=False, disable_numparse=True)
 
 
+def ensemble_lines(paths: list[Path]) -> list[str]:
+    """The ensembles `softprompt-predict --ensemble` left in the given folders, beside their members' mean and best."""
+    rows = []
+    for path in paths:
+        if (path / records.ENSEMBLE).is_file():
+            found = records.read_json(path / records.ENSEMBLE)
+            metric = found["main_metric"]
+            rows.append({
+                "folder": str(path), "task": found["task"], "model": found["model"], "prompts": len(found["per_prompt"]),
+                "metric": metric, "mean": found["mean"], "best": found["best"],
+                "vote": found["vote"][metric], "mean log-prob": found["mean_log_prob"][metric],
+            })
+    if not rows:
+        return []
+    return ["## Ensembles", "", pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f"), ""]
+
+
 def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = None) -> dict[str, Path]:
     """Write results.csv, summary.csv, figures and report.md into `out`; returns what was written."""
     runs = find_runs(paths)
@@ -359,6 +376,7 @@ def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = 
         lines += ["## Runs that did not complete", ""]
         lines += [f"- `{row.run}`: **{row.status}**" + (f": {row.reason}" if isinstance(row.reason, str) else "") for row in failed.itertuples()]
         lines.append("")
+    lines += ensemble_lines(paths)
     lines += ["## Runs", "", _markdown(table.drop(columns=["reason"])), ""]
     written["markdown"].write_text("\n".join(lines), encoding="utf-8")
     written.update({path.name: path for path in figures})

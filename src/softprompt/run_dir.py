@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 METRICS = "metrics.json"
+# written by `softprompt-predict --ensemble` into the folder of the prompts it combined
+ENSEMBLE = "ensemble.json"
 TRAIN_LOG = "train_log.jsonl"
 ENV = "env.json"
 PROMPT_DIR = "prompt"

@@ -194,14 +194,7 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
         panel.set_title(f"{task}: {metric} by {AXES[axis]}" + ("" if by_size else f" ({', '.join(map(str, rows['model'].unique()))})"))
         panel.grid(True, which="both", alpha=0.3)
         panel.legend(fontsize=8)
-    figure.tight_layout()
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    # SVG text stays text, so numbers and labels can be searched and edited for a paper
-    with plt.rc_context({"svg.fonttype": "none"}):
-        for path in paths:
-            figure.savefig(path, dpi=150)
-    plt.close(figure)
-    return paths
+    return save_figure(figure, stem)
 
 
 def _method_label(row: pd.Series, keys: list[str]) -> str:
@@ -269,6 +262,11 @@ def draw_methods(summary: pd.DataFrame, x_key: str, reference: pd.DataFrame | No
         panel.set_ylabel(f"{metric} (mean ± std over seeds)")
         panel.grid(True, which="both", alpha=0.3)
         panel.legend(fontsize=8)
+    return save_figure(figure, stem)
+
+
+def save_figure(figure: plt.Figure, stem: Path) -> list[Path]:
+    """PNG for reading, SVG for papers: its text stays text, so numbers and labels can be searched and edited."""
     figure.tight_layout()
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
     with plt.rc_context({"svg.fonttype": "none"}):

@@ -8,13 +8,15 @@ with rank classification), on batches drawn from real tasks (SST-2, RTE from $SO
 
 1. step_over_forward: a training step (forward, backward, clipping, AdamW step) over an inference
    forward (eval mode, no grad) of the same batches; backward through frozen weights computes only
-   input gradients, so about 2 is the limit;
+   input gradients, so about 2 is the limit (about 3 with trainer.gradient_checkpointing, which
+   recomputes each layer's forward; measured beside it);
 2. throughput_vs_reference: steady-state samples/s of softprompt's own `train` over the reference
    recipe (scripts/reference_recipe.py: PEFT + HF Trainer), same rows, batch, steps, starting prompt;
    both tuned prompts are then scored by the same evaluation on the dev rows;
 3. train_memory_over_inference: peak resident memory of a training step over that of an inference
-   forward, each in a fresh process (model, batch, peak of the step); the activation-only ratio
-   (peak minus the memory held before the step) is printed beside it;
+   forward, each in a fresh process (model, batch, peak of the step), without and with
+   trainer.gradient_checkpointing; the activation-only ratio (peak minus the memory held before the
+   step) is printed beside it;
 4. rank_eval_speedup: evaluation throughput of the rank scorer over the naive way (one forward per
    candidate, logits at every position over the whole vocabulary), scores checked to agree.
 
@@ -43,6 +45,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from reference_recipe import run_reference
 
 from softprompt import run_dir as records
+from softprompt.backbone import Backbone, load_backbone
 from softprompt.batching import IGNORE, Collator, encode
 from softprompt.cli import compose_config
 from softprompt.config import TrainConfig, register_configs, validate
@@ -116,9 +119,19 @@ def config(name: str, sizes: Sizes, **extra: object) -> TrainConfig:
     return validate(compose_config(overrides))
 
 
-def prompted(pipeline: Pipeline, cfg: TrainConfig) -> PromptedModel:
-    peft_model = attach_prompt(pipeline.backbone, cfg.prompt, pipeline.label_token_ids, head=pipeline.scorer == "head", seed=cfg.seed)
-    return PromptedModel(peft_model, pipeline.backbone.kind, pipeline.scorer, cfg.scorer.reduction, cfg.trainer.backbone_dropout)
+def prompted(pipeline: Pipeline, cfg: TrainConfig, backbone: Backbone | None = None) -> PromptedModel:
+    backbone = backbone or pipeline.backbone
+    peft_model = attach_prompt(backbone, cfg.prompt, pipeline.label_token_ids, head=pipeline.scorer == "head", seed=cfg.seed)
+    return PromptedModel(
+        peft_model, backbone.kind, pipeline.scorer, cfg.scorer.reduction, cfg.trainer.backbone_dropout, cfg.trainer.gradient_checkpointing
+    )
+
+
+def checkpointed_twin(pipeline: Pipeline, cfg: TrainConfig) -> PromptedModel:
+    """The same model from its own copy of the backbone, trained with trainer.gradient_checkpointing."""
+    cfg = replace(cfg, trainer=replace(cfg.trainer, gradient_checkpointing=True))
+    backbone = load_backbone(cfg.model, pipeline.task.num_classes if pipeline.scorer == "head" else None, pipeline.tokenizer)
+    return prompted(pipeline, cfg, backbone)
 
 
 def training_batches(pipeline: Pipeline, sizes: Sizes) -> list[dict]:
@@ -129,12 +142,9 @@ def training_batches(pipeline: Pipeline, sizes: Sizes) -> list[dict]:
     return [collate([rows[i] for i in order[k * sizes.batch : (k + 1) * sizes.batch]]) for k in range(sizes.batches)]
 
 
-def train_step(model: PromptedModel, optimizer: torch.optim.Optimizer, batch: dict, dropout: bool = True) -> None:
-    """What the loop does per batch: forward in train mode, backward, clip, step.
-
-    dropout=False runs the same step in eval mode: the limit when the frozen backbone skips dropout.
-    """
-    model.train(dropout)
+def train_step(model: PromptedModel, optimizer: torch.optim.Optimizer, batch: dict) -> None:
+    """What the loop does per batch: forward in train mode, backward, clip, step."""
+    model.train()
     loss = model(batch).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -161,21 +171,23 @@ def interleaved(variants: dict[str, callable], repeats: int) -> dict[str, float]
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def step_over_forward(model: PromptedModel, cfg: TrainConfig, batches: list[dict], repeats: int) -> dict:
+def step_over_forward(model: PromptedModel, twin: PromptedModel, cfg: TrainConfig, batches: list[dict], repeats: int) -> dict:
+    """`twin` is the model with gradient checkpointing, measured in the same interleaved rounds."""
     optimizer = make_optimizer(cfg.trainer, [p for p in model.parameters() if p.requires_grad])
+    twin_optimizer = make_optimizer(cfg.trainer, [p for p in twin.parameters() if p.requires_grad])
     variants = {}
     for k, batch in enumerate(batches):
         variants[f"step{k}"] = lambda batch=batch: train_step(model, optimizer, batch)
         variants[f"forward{k}"] = lambda batch=batch: inference_forward(model, batch)
-        variants[f"nodropout{k}"] = lambda batch=batch: train_step(model, optimizer, batch, dropout=False)
+        variants[f"checkpointed{k}"] = lambda batch=batch: train_step(twin, twin_optimizer, batch)
     medians = interleaved(variants, repeats)
-    step, forward, no_dropout = (sum(medians[f"{kind}{k}"] for k in range(len(batches))) for kind in ("step", "forward", "nodropout"))
+    step, forward, checkpointed = (sum(medians[f"{kind}{k}"] for k in range(len(batches))) for kind in ("step", "forward", "checkpointed"))
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     return {
         "step_s": step / len(batches),
         "forward_s": forward / len(batches),
         "ratio": step / forward,
-        "ratio_without_dropout": no_dropout / forward,
+        "ratio_checkpointed": checkpointed / forward,
         "tokens_per_batch": tokens / len(batches),
     }
 
@@ -193,7 +205,7 @@ def _memory_probe(name: str, quick: bool, mode: str, queue) -> None:
     """Load, build the batch, release free heap to the OS, reset the peak, run one step or forward."""
     register_configs()
     sizes = Sizes(quick)
-    cfg = config(name, sizes)
+    cfg = config(name, sizes, **{"trainer.gradient_checkpointing": mode == "train_checkpointed"})
     pipeline = build_pipeline(cfg)
     model = prompted(pipeline, cfg)
     batch = training_batches(pipeline, sizes)[0]
@@ -201,25 +213,28 @@ def _memory_probe(name: str, quick: bool, mode: str, queue) -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set size
-    train_step(model, optimizer, batch) if mode == "train" else inference_forward(model, batch)
+    train_step(model, optimizer, batch) if mode.startswith("train") else inference_forward(model, batch)
     queue.put((before, _rss_kib("VmHWM")))
 
 
 def peak_memory(name: str, quick: bool) -> dict:
     context = multiprocessing.get_context("spawn")
     result = {}
-    for mode in ("inference", "train"):
+    for mode in ("inference", "train", "train_checkpointed"):
         queue = context.Queue()
         process = context.Process(target=_memory_probe, args=(name, quick, mode, queue))
         process.start()
         result[mode] = queue.get()
         process.join()
-    (base_i, peak_i), (base_t, peak_t) = result["inference"], result["train"]
+    (base_i, peak_i), (base_t, peak_t), (base_c, peak_c) = result["inference"], result["train"], result["train_checkpointed"]
     return {
         "inference_peak_mib": peak_i / 1024,
         "train_peak_mib": peak_t / 1024,
+        "train_checkpointed_peak_mib": peak_c / 1024,
         "ratio": peak_t / peak_i,
+        "ratio_checkpointed": peak_c / peak_i,
         "activation_ratio": (peak_t - base_t) / max(peak_i - base_i, 1),
+        "activation_ratio_checkpointed": (peak_c - base_c) / max(peak_i - base_i, 1),
     }
 
 
@@ -365,15 +380,16 @@ def versions() -> str:
 
 def table(results: dict) -> str:
     lines = [
-        "| model (task) | step / forward (without backbone dropout) | samples/s ours / reference | vs reference | peak MiB train / inference | memory ratio (activations only) | rank eval rows/s ours / naive | rank eval speedup |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model (task) | step / forward (checkpointed) | samples/s ours / reference | vs reference | peak MiB train / checkpointed / inference | memory ratio (activations only) | checkpointed | rank eval rows/s ours / naive | rank eval speedup |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         s, t, m, e = r["step"], r["throughput"], r["memory"], r.get("rank_eval")
         lines.append(
-            f"| {name} ({MODELS[name][1]}) | {s['ratio']:.2f} ({s['ratio_without_dropout']:.2f}); {s['step_s']:.3f}s / {s['forward_s']:.3f}s "
+            f"| {name} ({MODELS[name][1]}) | {s['ratio']:.2f} ({s['ratio_checkpointed']:.2f}); {s['step_s']:.3f}s / {s['forward_s']:.3f}s "
             f"| {t['ours_samples_per_s']:.1f} / {t['reference_samples_per_s']:.1f} | {t['ratio']:.2f}x "
-            f"| {m['train_peak_mib']:.0f} / {m['inference_peak_mib']:.0f} | {m['ratio']:.2f} ({m['activation_ratio']:.2f}) "
+            f"| {m['train_peak_mib']:.0f} / {m['train_checkpointed_peak_mib']:.0f} / {m['inference_peak_mib']:.0f} "
+            f"| {m['ratio']:.2f} ({m['activation_ratio']:.2f}) | {m['ratio_checkpointed']:.2f} ({m['activation_ratio_checkpointed']:.2f}) "
             + (f"| {e['ours_rows_per_s']:.1f} / {e['naive_rows_per_s']:.1f} | {e['ratio']:.2f}x (before: {e['ratio_before']:.2f}x) |" if e else "| n/a | n/a |")
         )
     metric_lines = [
@@ -415,7 +431,9 @@ def main() -> None:
             cfg = config(name, sizes)
             pipeline = build_pipeline(cfg)
             model = prompted(pipeline, cfg)
-            result = {"step": step_over_forward(model, cfg, training_batches(pipeline, sizes), sizes.repeats)}
+            twin = checkpointed_twin(pipeline, cfg)
+            result = {"step": step_over_forward(model, twin, cfg, training_batches(pipeline, sizes), sizes.repeats)}
+            del twin
             if pipeline.scorer == "rank":
                 result["rank_eval"] = rank_eval_speedup(model, pipeline, sizes)
             del model, pipeline
@@ -432,7 +450,8 @@ def main() -> None:
             f"`{command}` ({seconds:.0f} s; load average {load_before:.2f} at the start). Machine: {machine()}. {versions()}.",
             (
                 f"Batches of {sizes.batch} random training rows (prompt length 20); step = forward + backward + clip + AdamW step in"
-                " train mode; forward = eval mode, no grad, same batches; medians of interleaved repeats. Memory: peak RSS (VmHWM,"
+                " train mode; forward = eval mode, no grad, same batches; medians of interleaved repeats; checkpointed ="
+                " the same with `trainer.gradient_checkpointing=true`. Memory: peak RSS (VmHWM,"
                 " reset before the measured call) in a fresh process per mode; in brackets the ratio of the growth over the memory"
                 " held before the call. Rank eval: `before` is the layout before this benchmark (split order, one sequence per"
                 " (row, candidate) pair)."
@@ -449,6 +468,8 @@ def main() -> None:
                 "step_over_forward": round(r["step"]["ratio"], 3),
                 "throughput_vs_reference": round(r["throughput"]["ratio"], 3),
                 "train_memory_over_inference": round(r["memory"]["ratio"], 3),
+                "step_over_forward_checkpointed": round(r["step"]["ratio_checkpointed"], 3),
+                "train_memory_over_inference_checkpointed": round(r["memory"]["ratio_checkpointed"], 3),
                 **({"rank_eval_speedup": round(r["rank_eval"]["ratio"], 3)} if "rank_eval" in r else {}),
             }
             for name, r in results.items()

@@ -8,11 +8,13 @@ import torch
 from accelerate import Accelerator
 from conftest import quick_overrides
 from torch.utils.data import DataLoader
+from transformers.activations import GELUTanh, NewGELUActivation
 
 from softprompt.backbone import load_backbone
 from softprompt.batching import Collator, encode
 from softprompt.cli import compose_config
 from softprompt.config import register_configs, validate
+from softprompt.errors import ConfigError
 from softprompt.pipeline import build_pipeline, make_loader, predict
 from softprompt.scorer import PromptedModel
 from softprompt.soft_prompt import attach_prompt
@@ -97,3 +99,89 @@ def test_length_ordered_evaluation_gives_split_order_and_same_scores(model):
     assert ordered.indices == plain.indices == list(range(len(rows)))
     assert ordered.references == plain.references
     torch.testing.assert_close(torch.tensor(ordered.scores), torch.tensor(plain.scores), atol=1e-5, rtol=1e-5)
+
+
+def saved_bytes_and_gradient(model: PromptedModel, batch: dict) -> tuple[int, torch.Tensor]:
+    """Bytes autograd keeps for backward (distinct storages; parameters excluded), and the trainable gradients."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(batch).loss
+    loss.backward()
+    return sum(kept.values()), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-llama", "tiny-t5"])
+@pytest.mark.parametrize("backbone_dropout", [False, True])
+def test_gradient_checkpointing_keeps_gradients_and_frees_activations(model, backbone_dropout):
+    """trainer.gradient_checkpointing: the same gradients reach the prompt (and head), from fewer kept activations,
+    with the backbone's dropout off (layers marked training, their insides not) or on (same random masks replayed)."""
+    register_configs()
+    cfg = validate(compose_config(quick_overrides(model)))
+    pipeline = build_pipeline(cfg)
+    batch = next(iter(make_loader(pipeline, "train", training=True)))
+    results = []
+    for checkpointed in (False, True):
+        backbone = load_backbone(cfg.model, pipeline.task.num_classes if pipeline.scorer == "head" else None, pipeline.tokenizer)
+        peft_model = attach_prompt(backbone, cfg.prompt, pipeline.label_token_ids, head=pipeline.scorer == "head", seed=0)
+        scorer = PromptedModel(peft_model, backbone.kind, pipeline.scorer, backbone_dropout=backbone_dropout, gradient_checkpointing=checkpointed)
+        scorer.train()
+        torch.manual_seed(0)
+        results.append(saved_bytes_and_gradient(scorer, batch))
+        assert not any(m.training for m in scorer.modules() if isinstance(m, torch.nn.Dropout)) or backbone_dropout
+    (plain_bytes, plain_grad), (checkpointed_bytes, checkpointed_grad) = results
+    assert plain_grad.abs().sum() > 0
+    torch.testing.assert_close(checkpointed_grad, plain_grad, atol=1e-6, rtol=1e-5)
+    # what stays outside the layers (scored logits, masks) is a large share of so small a model
+    assert checkpointed_bytes < 0.8 * plain_bytes
+
+
+def test_gradient_checkpointing_refused_with_prefix_tuning():
+    register_configs()
+    with pytest.raises(ConfigError, match="trainer.gradient_checkpointing=True is not allowed: false with method=prefix_tuning"):
+        validate(compose_config(quick_overrides("tiny-llama", **{"method": "prefix_tuning", "trainer.gradient_checkpointing": "true"})))
+
+
+def test_length_grouped_training_batches():
+    """trainer.group_by_length: every row once per epoch, in batches of similar length (less padding than a plain
+    shuffle), in an order fixed by the seed."""
+    register_configs()
+
+    def epoch(group: bool, seed: int) -> list[list[int]]:
+        cfg = validate(compose_config(quick_overrides("tiny-bert", **{"task.builtin_size.train": "400", "trainer.group_by_length": str(group).lower()})))
+        loader = make_loader(build_pipeline(cfg), "train", training=True, seed=seed)
+        return [batch["attention_mask"].sum(-1).tolist() for batch in loader], [batch["index"].tolist() for batch in loader]
+
+    (grouped_lengths, grouped_rows), (plain_lengths, plain_rows) = epoch(True, 0), epoch(False, 0)
+    assert sorted(sum(grouped_rows, [])) == sorted(sum(plain_rows, [])) == list(range(400))
+    padded = lambda batches: sum(max(lengths) * len(lengths) for lengths in batches)
+    assert padded(grouped_lengths) < 0.9 * padded(plain_lengths)
+    assert epoch(True, 0)[1] == grouped_rows != epoch(True, 1)[1]
+
+
+@pytest.mark.parametrize("model", ["tiny-t5", "tiny-gpt2"])
+def test_fused_gelu_computes_the_same_function(model):
+    """gelu_new (Python ops) is swapped for torch's tanh GELU kernel at load: no Python GELU is left, and the
+    backbone's outputs are those of the model as transformers builds it, up to float rounding."""
+    register_configs()
+    cfg = validate(compose_config([f"model={model}"]))
+    fused = load_backbone(cfg.model).model
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    assert any(isinstance(m, GELUTanh) for m in fused.modules())
+    torch.manual_seed(0)
+    plain = type(fused)(fused.config)
+    plain.load_state_dict(fused.state_dict())
+    plain.eval()
+    assert any(isinstance(m, NewGELUActivation) for m in plain.modules())
+    ids = torch.randint(5, 1000, (2, 12))
+    extra = {"decoder_input_ids": ids[:, :3]} if fused.config.is_encoder_decoder else {}
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids, **extra).logits, plain(input_ids=ids, **extra).logits, atol=1e-5, rtol=1e-4)

@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from softprompt import zoo
@@ -125,6 +126,15 @@ def model_class(kind: str, head_labels: int | None):
     return AutoModelForSeq2SeqLM if kind == "encoder_decoder" else AutoModelForCausalLM
 
 
+def fuse_gelu(model: torch.nn.Module) -> None:
+    """The tanh GELU written as Python ops (T5 v1.1's gelu_new, GPT-2's) becomes torch's one kernel: the same function
+    up to float rounding, with one tensor kept for backward instead of five and a far cheaper backward."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, (NewGELUActivation, FastGELUActivation)):
+                setattr(module, name, GELUTanh())
+
+
 def load_backbone(
     cfg: ModelConfig,
     head_labels: int | None = None,
@@ -160,6 +170,7 @@ def load_backbone(
             raise _hub_failure("model.name_or_path", cfg.name_or_path, error) from None
     model.requires_grad_(False)
     model.eval()
+    fuse_gelu(model)
     num_params = cfg.num_params or sum(p.numel() for name, p in model.named_parameters() if not _is_head(name))
     log.info("loaded %s (%s, %.1fM parameters)", cfg.name, kind, num_params / 1e6)
     return Backbone(

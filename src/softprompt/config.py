@@ -179,6 +179,11 @@ class TrainerConfig:
     # dropout inside the frozen backbone while the prompt trains; off, the backbone computes the same
     # function in training as in evaluation (less noise, and a cheaper backward)
     backbone_dropout: bool = False
+    # training batches of similar lengths (shuffled groups, as HF's LengthGroupedSampler): less padding
+    group_by_length: bool = True
+    # recompute each backbone layer's activations during backward instead of keeping them: training
+    # memory close to inference for about one more forward pass per step
+    gradient_checkpointing: bool = False
     log_every: int = 10
     # null | tensorboard
     log_with: Optional[str] = None
@@ -312,6 +317,10 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if trainer.checkpoint_every is not None:
         _at_least("trainer.checkpoint_every", trainer.checkpoint_every, 1)
     _one_of("trainer.resume", trainer.resume, RESUME_MODES)
+    if trainer.gradient_checkpointing and method.name == "prefix_tuning":
+        raise ConfigError(
+            "trainer.gradient_checkpointing", True, "false with method=prefix_tuning (a checkpointed layer drops the prefix's key/value cache)"
+        )
 
     _at_least("task.max_length", task.max_length, 1)
     for name in task.metrics:

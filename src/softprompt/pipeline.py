@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from softprompt.backbone import Backbone, infer_kind, load_backbone, load_model_config, load_tokenizer, max_positions
 from softprompt.batching import Collator, encode, verbalizer_tokens
@@ -94,20 +95,29 @@ def build_pipeline(cfg: TrainConfig, splits: tuple[str, ...] = ("train", "valida
 
 
 def make_loader(pipeline: Pipeline, split: str, training: bool, seed: int = 0) -> DataLoader:
-    """Training batches are shuffled from a seeded generator and hold the gold answer only.
+    """Training batches are shuffled from a seeded generator and hold the gold answer only; with
+    trainer.group_by_length, shuffled groups of 50 optimiser steps are sorted by length, so a batch
+    holds rows of similar length (the groups span a whole step, so its rows do not depend on how many
+    processes share it).
 
     Evaluation rows go in order of length, so a batch holds rows of similar length and little
     padding; `predict` puts the results back in split order.
     """
     cfg = pipeline.cfg
     rows = encode(pipeline.task.examples[split], pipeline.tokenizer, pipeline.backbone.kind, pipeline.scorer, pipeline.max_length)
-    if not training:
+    generator = torch.Generator().manual_seed(seed) if training else None
+    sampler = None
+    if training and cfg.trainer.group_by_length:
+        step_rows = cfg.trainer.batch_size * cfg.trainer.grad_accum * PartialState().num_processes
+        sampler = LengthGroupedSampler(step_rows, lengths=[len(row.input_ids) for row in rows], generator=generator)
+    elif not training:
         rows = sorted(rows, key=lambda row: len(row.input_ids))
     return DataLoader(
         rows,
         batch_size=cfg.trainer.batch_size if training else cfg.trainer.eval_batch_size,
-        shuffle=training,
-        generator=torch.Generator().manual_seed(seed) if training else None,
+        shuffle=training and sampler is None,
+        sampler=sampler,
+        generator=generator,
         collate_fn=Collator(pipeline.backbone.kind, pipeline.scorer, pipeline.tokenizer.pad_token_id, all_candidates=not training),
         num_workers=cfg.trainer.num_workers,
     )

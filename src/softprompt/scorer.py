@@ -22,6 +22,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from softprompt.backbone import HEAD_NAMES
 from softprompt.batching import IGNORE
@@ -54,20 +55,40 @@ class ScoreOutput:
 class PromptedModel(nn.Module):
     """The backbone behind a PEFT adapter (or alone: model tuning, prompt design), called with soft prompts prepended to each row."""
 
-    def __init__(self, peft_model: nn.Module, kind: str, scorer: str, reduction: str = "sum", backbone_dropout: bool = True):
+    def __init__(
+        self,
+        peft_model: nn.Module,
+        kind: str,
+        scorer: str,
+        reduction: str = "sum",
+        backbone_dropout: bool = True,
+        gradient_checkpointing: bool = False,
+    ):
         super().__init__()
         self.peft_model = peft_model
         self.kind, self.scorer, self.reduction = kind, scorer, reduction
         self.backbone_dropout = backbone_dropout
+        # non-reentrant checkpointing: gradients reach the prompt through inputs_embeds whether or not
+        # the frozen embedding output requires grad
+        self.checkpointed_layers: list[nn.Module] = []
+        if gradient_checkpointing:
+            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            self.checkpointed_layers = [module for module in self.backbone.modules() if isinstance(module, GradientCheckpointingLayer)]
         kind_of = peft_model.active_peft_config.peft_type if isinstance(peft_model, PeftModel) else None
         self.peft_type = getattr(kind_of, "value", kind_of)
         self.prefix_length = peft_model.active_peft_config.num_virtual_tokens if self.peft_type == "PREFIX_TUNING" else 0
 
     def train(self, mode: bool = True) -> "PromptedModel":
-        """Without backbone dropout the backbone (head and adapters included) stays in evaluation mode while training."""
+        """Without backbone dropout the backbone (head and adapters included) stays in evaluation mode while training.
+
+        Transformers checkpoints a layer only while that layer is training, so checkpointed layers are
+        marked training themselves while everything inside them (dropout, attention) stays in evaluation mode.
+        """
         super().train(mode)
         if mode and not self.backbone_dropout:
             self.backbone.eval()
+            for layer in self.checkpointed_layers:
+                layer.training = True
         return self
 
     @property

@@ -24,8 +24,8 @@ from softprompt.config import MethodConfig
 
 log = logging.getLogger("softprompt")
 
-# keys that only say where outputs go, how progress is shown or how often a run checkpoints: they
-# never change a result
+# keys that only say where outputs go, how progress is shown, how often a run checkpoints or whether
+# activations are recomputed: they never change a result
 NON_RESULT_KEYS = (
     "output_root",
     "trainer.progress_bar",
@@ -34,6 +34,7 @@ NON_RESULT_KEYS = (
     "trainer.num_workers",
     "trainer.checkpoint_every",
     "trainer.resume",
+    "trainer.gradient_checkpointing",
 )
 KEY_FIELD = "config_key"
 KEY_LENGTH = 10

@@ -169,15 +169,16 @@ class PromptedModel(nn.Module):
         positions = (mask.cumsum(-1) - 1).clamp(min=0) + self.prefix_length
         prefix, mask = self._prefix(mask)
         targets = batch["targets"]
-        answer_length = targets.shape[1]
+        # the positions that predict the answer tokens: the last input token's and every answer token's but the last
+        end = inputs.shape[1] - 1
         logits = self.backbone(
             inputs_embeds=inputs,
             attention_mask=mask,
             position_ids=positions,
-            logits_to_keep=answer_length + 1,
+            logits_to_keep=torch.arange(end - targets.shape[1], end, device=inputs.device),
             use_cache=bool(prefix),
             **prefix,
-        ).logits[:, :-1]
+        ).logits
         return _token_log_probs(logits, targets)
 
     def _decoder_shared_input(self, batch, prompts) -> tuple[torch.Tensor, torch.Tensor]:

@@ -155,10 +155,11 @@ def test_length_grouped_training_batches():
     shuffle), in an order fixed by the seed."""
     register_configs()
 
-    def epoch(group: bool, seed: int) -> list[list[int]]:
+    def epoch(group: bool, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Each batch's row lengths and row numbers, from one pass over the loader."""
         cfg = validate(compose_config(quick_overrides("tiny-bert", **{"task.builtin_size.train": "400", "trainer.group_by_length": str(group).lower()})))
-        loader = make_loader(build_pipeline(cfg), "train", training=True, seed=seed)
-        return [batch["attention_mask"].sum(-1).tolist() for batch in loader], [batch["index"].tolist() for batch in loader]
+        batches = list(make_loader(build_pipeline(cfg), "train", training=True, seed=seed))
+        return [batch["attention_mask"].sum(-1).tolist() for batch in batches], [batch["index"].tolist() for batch in batches]
 
     (grouped_lengths, grouped_rows), (plain_lengths, plain_rows) = epoch(True, 0), epoch(False, 0)
     assert sorted(sum(grouped_rows, [])) == sorted(sum(plain_rows, [])) == list(range(400))

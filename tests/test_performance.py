@@ -186,3 +186,39 @@ def test_fused_gelu_computes_the_same_function(model):
     extra = {"decoder_input_ids": ids[:, :3]} if fused.config.is_encoder_decoder else {}
     with torch.no_grad():
         torch.testing.assert_close(fused(input_ids=ids, **extra).logits, plain(input_ids=ids, **extra).logits, atol=1e-5, rtol=1e-4)
+
+
+def attention_kernels_and_gradient(model: PromptedModel, batch: dict) -> tuple[set[str], set[str], torch.Tensor]:
+    """SDPA kernels run by a training step (forward, backward) and by an inference forward, and the prompt's gradient."""
+    model.train()
+    model.zero_grad()
+    with torch.profiler.profile() as training:
+        model(batch).loss.backward()
+    model.eval()
+    with torch.profiler.profile() as inference, torch.no_grad():
+        model(batch)
+    kernels = lambda profile: {event.key for event in profile.key_averages() if "scaled_dot_product" in event.key}
+    return kernels(training), kernels(inference), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_short_half_precision_training_runs_math_attention(checkpointed, monkeypatch):
+    """A bf16 backbone on CPU trains short sequences with SDPA's math kernel, also when checkpointed layers recompute
+    in backward (flash's backward costs ~20 forwards there); inference keeps flash; the prompt's gradient is flash's
+    to bf16 precision."""
+    register_configs()
+    cfg = validate(compose_config(quick_overrides("tiny-llama", **{"model.dtype": "bfloat16"})))
+    pipeline = build_pipeline(cfg)
+    batch = next(iter(make_loader(pipeline, "train", training=True)))
+    peft_model = attach_prompt(pipeline.backbone, cfg.prompt, pipeline.label_token_ids, head=False, seed=0)
+    model = PromptedModel(peft_model, pipeline.backbone.kind, "rank", gradient_checkpointing=checkpointed)
+    assert pipeline.backbone.model.dtype == torch.bfloat16
+    training, inference, gradient = attention_kernels_and_gradient(model, batch)
+    assert "aten::_scaled_dot_product_attention_math" in training
+    assert not any("flash" in kernel for kernel in training)
+    assert any("flash" in kernel for kernel in inference)
+    monkeypatch.setattr("softprompt.backbone.MATH_ATTENTION_MAX_POSITIONS", 0)
+    flash_training, _, flash_gradient = attention_kernels_and_gradient(model, batch)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in flash_training
+    assert gradient.abs().sum() > 0
+    assert (gradient - flash_gradient).norm() < 0.03 * flash_gradient.norm()

@@ -103,6 +103,26 @@ def test_attached_prompt_holds_the_initial_vectors(pipeline):
     assert peft_model.prompt_encoder["default"].embedding.weight.dtype == torch.float32
 
 
+
+def test_prompt_and_head_learn_in_fp32_under_a_bf16_backbone():
+    """With model.dtype=bfloat16 the backbone stays bf16 while prompt and head train in fp32, so a step of 1e-5,
+    below bf16's resolution at the head's weights, still moves them."""
+    cfg = validate(compose_config(quick_overrides("tiny-bert", **{"model.dtype": "bfloat16"})))
+    pipeline = build_pipeline(cfg)
+    peft_model = attach_prompt(pipeline.backbone, cfg.prompt, pipeline.label_token_ids, head=True, seed=0)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    assert {p.dtype for p in trainable} == {torch.float32}
+    assert pipeline.backbone.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    before = [p.detach().clone() for p in trainable]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0)
+    ids = torch.randint(5, 500, (4, 10))
+    logits = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert logits.dtype == torch.float32
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 0, 1])).backward()
+    optimizer.step()
+    # (a few prompt entries get exactly zero gradient through the bf16 backbone)
+    assert all((p.detach() != b).float().mean() > 0.5 for p, b in zip(trainable, before))
+
 def test_t5_xxl_width_prompt_of_100_counts_409600():
     """The paper's T5-XXL figure: one copy of the prompt, on the encoder only (PEFT's default doubles it)."""
     cfg = ModelConfig(

@@ -18,11 +18,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from torch import nn
 
-from softprompt.backbone import Backbone, load_backbone
+from softprompt.backbone import Backbone, head_module, load_backbone
 from softprompt.batching import Encoded, encode
 from softprompt.config import TrainConfig, validate
 from softprompt.errors import UserError
-from softprompt.scorer import PromptedModel, head_module, resolve_scorer
+from softprompt.scorer import PromptedModel, resolve_scorer
 from softprompt.soft_prompt import PROMPT_KEY, load_prompt_file
 from softprompt.task import Example, Task
 

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from softprompt.backbone import HEAD_NAMES
+from softprompt.backbone import attention_kernel, head_module, prefers_math_attention
 from softprompt.batching import IGNORE
 from softprompt.config import ScorerConfig
 from softprompt.errors import ConfigError
@@ -71,8 +71,11 @@ class PromptedModel(nn.Module):
         # non-reentrant checkpointing: gradients reach the prompt through inputs_embeds whether or not
         # the frozen embedding output requires grad
         self.checkpointed_layers: list[nn.Module] = []
+        # set by each forward; recomputation in backward must run the attention kernel its forward ran
+        self.math_attention = False
         if gradient_checkpointing:
-            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            kernels = lambda: (attention_kernel(self.math_attention), attention_kernel(self.math_attention))  # noqa: E731
+            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": kernels})
             self.checkpointed_layers = [module for module in self.backbone.modules() if isinstance(module, GradientCheckpointingLayer)]
         kind_of = peft_model.active_peft_config.peft_type if isinstance(peft_model, PeftModel) else None
         self.peft_type = getattr(kind_of, "value", kind_of)
@@ -128,6 +131,15 @@ class PromptedModel(nn.Module):
         """Score a batch; `prompts` gives each row its own prompt and `heads` each bank prompt its own head."""
         rows = batch["labels"].shape[0]
         prompts = self.row_prompts(rows) if prompts is None else prompts
+        self.math_attention = (
+            self.training
+            and torch.is_grad_enabled()
+            and prefers_math_attention(self.backbone, prompts.shape[1] + self.prefix_length + batch["input_ids"].shape[1])
+        )
+        with attention_kernel(self.math_attention):
+            return self._score(batch, prompts, heads)
+
+    def _score(self, batch, prompts, heads) -> ScoreOutput:
         if self.scorer == "head":
             return self._head(batch, prompts, heads)
         if self.scorer == "generate" and not self.training:
@@ -278,14 +290,6 @@ def match_candidates(batch: dict[str, torch.Tensor], generated: torch.Tensor) ->
         shared = next((i for i, (a, b) in enumerate(zip(answer, candidate)) if a != b), min(len(answer), len(candidate)))
         table[row, choice] = shared + (width + 1 if shared == len(candidate) else 0)
     return ScoreOutput(table.new_zeros(()), table.to(generated.device))
-
-
-def head_module(model: nn.Module) -> nn.Module:
-    """The classification head of a sequence-classification model (PEFT keeps its trainable copy inside)."""
-    for name in HEAD_NAMES:
-        if hasattr(model, name):
-            return getattr(model, name)
-    raise ValueError(f"{type(model).__name__} has no classification head ({', '.join(HEAD_NAMES)})")
 
 
 def head_classes(head: nn.Module) -> int:

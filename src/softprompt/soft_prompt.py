@@ -24,7 +24,7 @@ from peft import PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
-from softprompt.backbone import Backbone
+from softprompt.backbone import Backbone, head_module
 from softprompt.config import PromptConfig
 from softprompt.errors import ConfigError, UserError
 
@@ -138,8 +138,12 @@ def attach_prompt(
     weight = prompt_parameter(model)
     with torch.no_grad():
         weight.copy_(start.to(weight.dtype))
-    # the prompt learns in fp32 even when the backbone runs in bf16/fp16
-    weight.data = weight.data.float()
+    # what learns (prompt, head) stays fp32 under a bf16/fp16 backbone: AdamW's small steps vanish in bf16's 8-bit mantissa
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    if head and backbone.model.dtype != torch.float32:
+        head_module(model.base_model).register_forward_pre_hook(lambda module, args: tuple(arg.float() for arg in args))
     return model
 
 

@@ -204,8 +204,15 @@ class PromptedModel(nn.Module):
         prefix, mask = self._prefix(mask)
         targets, pair_row = batch["targets"], batch["pair_row"]
         longer = targets.shape[1] > 1
+        # the last position as an index tensor, which gathers a contiguous copy: `logits_to_keep=1` slices a strided view,
+        # which a bf16 matmul on CPU turns into a batched product over one copy of the output embeddings per row
         output = self.backbone(
-            inputs_embeds=inputs, attention_mask=mask, position_ids=positions, logits_to_keep=1, use_cache=longer or bool(prefix), **prefix
+            inputs_embeds=inputs,
+            attention_mask=mask,
+            position_ids=positions,
+            logits_to_keep=torch.tensor([inputs.shape[1] - 1], device=inputs.device),
+            use_cache=longer or bool(prefix),
+            **prefix,
         )
         logits = output.logits[pair_row]
         if longer:

@@ -2,6 +2,7 @@
 
     python scripts/bench.py                       # full: about 10 minutes on 2 CPU cores
     python scripts/bench.py --quick --json b.json # reduced: under 2 minutes
+    python scripts/bench.py --dtype bfloat16      # the backbone in bf16 (prompt and head in fp32), its own section
 
 Per model (minilm-l6 with a head; smollm2-135m and a randomly initialised T5 of t5.1.1-small shape
 with rank classification), on batches drawn from real tasks (SST-2, RTE from $SOFTPROMPT_DATA):
@@ -55,7 +56,7 @@ from softprompt.soft_prompt import attach_prompt, initial_prompt, prompt_paramet
 from softprompt.train import make_optimizer, train
 
 DATA = Path(os.environ.get("SOFTPROMPT_DATA", ROOT.parent / "shared" / "data"))
-MARK_BEGIN, MARK_END = "<!-- bench.py -->", "<!-- /bench.py -->"
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
 
 TASKS = {
     "sst2": [
@@ -94,9 +95,10 @@ MODELS = {
 
 
 class Sizes:
-    """How much each measurement does; --quick shrinks everything but the batch shapes."""
+    """How much each measurement does (--quick shrinks everything but the batch shapes), with the backbone in `dtype`."""
 
-    def __init__(self, quick: bool):
+    def __init__(self, quick: bool, dtype: str = "float32"):
+        self.dtype = dtype
         self.batch = 8 if quick else 16
         self.batches = 1 if quick else 3
         self.repeats = 1 if quick else 3
@@ -115,6 +117,7 @@ def config(name: str, sizes: Sizes, **extra: object) -> TrainConfig:
         f"task.max_train_rows={sizes.train_rows}",
         f"task.max_eval_rows={sizes.eval_rows}",
         "trainer.progress_bar=false",
+        f"model.dtype={sizes.dtype}",
     ] + [f"{key}={value}" for key, value in extra.items()]
     return validate(compose_config(overrides))
 
@@ -201,30 +204,35 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _memory_probe(name: str, quick: bool, mode: str, queue) -> None:
-    """Load, build the batch, release free heap to the OS, reset the peak, run one step or forward."""
+def _memory_probe(name: str, sizes: Sizes, mode: str, queue) -> None:
+    """Load, build the batch, release free heap to the OS, reset the peak, run one step or forward.
+
+    glibc's mmap threshold is pinned first: each tensor of 128 KiB or more then gets its own mapping, returned when the
+    tensor is freed, so the peak counts live tensors rather than heap fragments (left dynamic, the same step's peak
+    moved by 200 MiB between runs)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
     register_configs()
-    sizes = Sizes(quick)
     cfg = config(name, sizes, **{"trainer.gradient_checkpointing": mode == "train_checkpointed"})
     pipeline = build_pipeline(cfg)
     model = prompted(pipeline, cfg)
     batch = training_batches(pipeline, sizes)[0]
     optimizer = make_optimizer(cfg.trainer, [p for p in model.parameters() if p.requires_grad])
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    libc.malloc_trim(0)
     before = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set size
     train_step(model, optimizer, batch) if mode.startswith("train") else inference_forward(model, batch)
     queue.put((before, _rss_kib("VmHWM")))
 
 
-def peak_memory(name: str, quick: bool) -> dict:
+def peak_memory(name: str, sizes: Sizes) -> dict:
     # a forkserver that imported the libraries once starts each probe in well under a second
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "transformers", "peft", "softprompt.pipeline", "softprompt.train"])
     # side by side: each process's peak is its own, so running them together only saves time
     modes = ("inference", "train", "train_checkpointed")
     queues = {mode: context.Queue() for mode in modes}
-    processes = [context.Process(target=_memory_probe, args=(name, quick, mode, queues[mode])) for mode in modes]
+    processes = [context.Process(target=_memory_probe, args=(name, sizes, mode, queues[mode])) for mode in modes]
     for process in processes:
         process.start()
     result = {mode: queues[mode].get() for mode in modes}
@@ -405,13 +413,15 @@ def table(results: dict) -> str:
     return "\n".join(lines + ([""] + metric_lines if metric_lines else []))
 
 
-def write_markdown(path: Path, body: str) -> None:
-    """Replace this script's section of the file (between its markers), leaving other sections alone."""
+def write_markdown(path: Path, body: str, dtype: str) -> None:
+    """Replace this script's section for this dtype (between its markers), leaving other sections alone."""
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    section = f"{MARK_BEGIN}\n{body.strip()}\n{MARK_END}"
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + section + rest.split(MARK_END, 1)[1]
+    tag = "bench.py" if dtype == "float32" else f"bench.py {dtype}"
+    begin, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
+    section = f"{begin}\n{body.strip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -422,12 +432,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a reduced run, under two minutes on 2 CPU cores")
     parser.add_argument("--json", type=Path, help="write the per-model ratios to this file")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the backbone's dtype (the prompt and head stay fp32)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     register_configs()
-    sizes = Sizes(args.quick)
+    sizes = Sizes(args.quick, args.dtype)
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     results = {}
     with tempfile.TemporaryDirectory() as work:
@@ -441,22 +452,28 @@ def main() -> None:
             if pipeline.scorer == "rank":
                 result["rank_eval"] = rank_eval_speedup(model, pipeline, sizes)
             del model, pipeline
-            result["memory"] = peak_memory(name, args.quick)
+            result["memory"] = peak_memory(name, sizes)
             result["throughput"] = throughput(name, sizes, Path(work) / name)
             results[name] = result
             print(f"{name}: {json.dumps(result)}", flush=True)
     seconds = time.perf_counter() - started
-    command = "python scripts/bench.py" + (" --quick" if args.quick else "") + ("" if args.models == list(MODELS) else " --models " + " ".join(args.models))
+    command = (
+        "python scripts/bench.py"
+        + (" --quick" if args.quick else "")
+        + ("" if args.dtype == "float32" else f" --dtype {args.dtype}")
+        + ("" if args.models == list(MODELS) else " --models " + " ".join(args.models))
+    )
     body = "\n".join(
         [
-            "## Training loop",
+            "## Training loop" + ("" if args.dtype == "float32" else f", {args.dtype} backbone"),
             "",
             f"`{command}` ({seconds:.0f} s; load average {load_before:.2f} at the start). Machine: {machine()}. {versions()}.",
             (
                 f"Batches of {sizes.batch} random training rows (prompt length 20); step = forward + backward + clip + AdamW step in"
                 " train mode; forward = eval mode, no grad, same batches; medians of interleaved repeats; checkpointed ="
                 " the same with `trainer.gradient_checkpointing=true`. Memory: peak RSS (VmHWM,"
-                " reset before the measured call) in a fresh process per mode; in brackets the ratio of the growth over the memory"
+                " reset before the measured call) in a fresh process per mode, glibc's mmap threshold pinned at 128 KiB so that"
+                " freed tensors leave the resident set; in brackets the ratio of the growth over the memory"
                 " held before the call. Rank eval: `before` is the layout before this benchmark (split order, one sequence per"
                 " (row, candidate) pair)."
             ),
@@ -465,7 +482,7 @@ def main() -> None:
         ]
     )
     print(body)
-    write_markdown(args.markdown, body)
+    write_markdown(args.markdown, body, args.dtype)
     if args.json:
         ratios = {
             name: {

@@ -126,7 +126,13 @@ def prompted(pipeline: Pipeline, cfg: TrainConfig, backbone: Backbone | None = N
     backbone = backbone or pipeline.backbone
     peft_model = attach_prompt(backbone, cfg.prompt, pipeline.label_token_ids, head=pipeline.scorer == "head", seed=cfg.seed)
     return PromptedModel(
-        peft_model, backbone.kind, pipeline.scorer, cfg.scorer.reduction, cfg.trainer.backbone_dropout, cfg.trainer.gradient_checkpointing
+        peft_model,
+        backbone.kind,
+        pipeline.scorer,
+        cfg.scorer.reduction,
+        cfg.trainer.backbone_dropout,
+        cfg.trainer.gradient_checkpointing,
+        cfg.trainer.compile,
     )
 
 
@@ -413,10 +419,9 @@ def table(results: dict) -> str:
     return "\n".join(lines + ([""] + metric_lines if metric_lines else []))
 
 
-def write_markdown(path: Path, body: str, dtype: str) -> None:
-    """Replace this script's section for this dtype (between its markers), leaving other sections alone."""
+def write_markdown(path: Path, body: str, tag: str) -> None:
+    """Replace the section marked `tag` (between its markers), leaving other sections alone."""
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    tag = "bench.py" if dtype == "float32" else f"bench.py {dtype}"
     begin, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
     section = f"{begin}\n{body.strip()}\n{end}"
     if begin in text and end in text:
@@ -482,7 +487,7 @@ def main() -> None:
         ]
     )
     print(body)
-    write_markdown(args.markdown, body, args.dtype)
+    write_markdown(args.markdown, body, "bench.py" if args.dtype == "float32" else f"bench.py {args.dtype}")
     if args.json:
         ratios = {
             name: {

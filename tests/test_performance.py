@@ -1,6 +1,7 @@
 """The optimisations of the training and evaluation paths change no result (beyond float rounding)."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -237,3 +238,20 @@ def test_rank_scoring_projects_the_last_position_with_one_matrix_product():
     with torch.profiler.profile() as profile, torch.no_grad():
         model(batch)
     assert "aten::bmm" not in {event.key for event in profile.key_averages()}
+
+
+def test_compiled_backbone_trains_the_same(train_run):
+    """trainer.compile: the backbone's forward and backward run as torch.compile'd graphs (dynamic shapes: batches of
+    every length) and the run logs the same losses and dev metric as without."""
+    compiled_frames = lambda: torch._dynamo.utils.counters["frames"]["ok"]
+    before = compiled_frames()
+    runs = {}
+    for compiled in (False, True):
+        overrides = quick_overrides("tiny-llama", **{"trainer.compile": str(compiled).lower(), "trainer.log_every": "1"})
+        run_path, result = train_run(overrides, name=f"compile-{compiled}")
+        losses = [json.loads(line)["loss"] for line in (run_path / "train_log.jsonl").read_text().splitlines()]
+        runs[compiled] = (losses, result["eval"]["accuracy"])
+    assert compiled_frames() > before
+    assert len(runs[True][0]) == 4
+    torch.testing.assert_close(torch.tensor(runs[True][0]), torch.tensor(runs[False][0]), rtol=1e-4, atol=1e-5)
+    assert runs[True][1] == runs[False][1]

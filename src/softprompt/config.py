@@ -184,6 +184,9 @@ class TrainerConfig:
     # recompute each backbone layer's activations during backward instead of keeping them: training
     # memory close to inference for about one more forward pass per step
     gradient_checkpointing: bool = False
+    # torch.compile the backbone (dynamic shapes): element-wise work fused in forward and backward, after a
+    # compilation of seconds to minutes per new batch shape class
+    compile: bool = False
     log_every: int = 10
     # null | tensorboard
     log_with: Optional[str] = None

@@ -63,6 +63,7 @@ class PromptedModel(nn.Module):
         reduction: str = "sum",
         backbone_dropout: bool = True,
         gradient_checkpointing: bool = False,
+        compile_backbone: bool = False,
     ):
         super().__init__()
         self.peft_model = peft_model
@@ -74,9 +75,13 @@ class PromptedModel(nn.Module):
         # set by each forward; recomputation in backward must run the attention kernel its forward ran
         self.math_attention = False
         if gradient_checkpointing:
-            kernels = lambda: (attention_kernel(self.math_attention), attention_kernel(self.math_attention))  # noqa: E731
-            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": kernels})
+            options = {"use_reentrant": False}
+            if not compile_backbone:  # compiled, the recomputation is part of the traced backward graph
+                options["context_fn"] = lambda: (attention_kernel(self.math_attention), attention_kernel(self.math_attention))
+            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
             self.checkpointed_layers = [module for module in self.backbone.modules() if isinstance(module, GradientCheckpointingLayer)]
+        if compile_backbone:
+            self.backbone.compile(dynamic=True)
         kind_of = peft_model.active_peft_config.peft_type if isinstance(peft_model, PeftModel) else None
         self.peft_type = getattr(kind_of, "value", kind_of)
         self.prefix_length = peft_model.active_peft_config.num_virtual_tokens if self.peft_type == "PREFIX_TUNING" else 0

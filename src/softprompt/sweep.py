@@ -35,6 +35,7 @@ NON_RESULT_KEYS = (
     "trainer.checkpoint_every",
     "trainer.resume",
     "trainer.gradient_checkpointing",
+    "trainer.compile",
 )
 KEY_FIELD = "config_key"
 KEY_LENGTH = 10

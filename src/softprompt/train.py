@@ -170,7 +170,13 @@ def _train(cfg: TrainConfig, run_path: Path, snapshot: checkpoint.Snapshot | Non
     peft_model = build_model(backbone, cfg, pipeline.label_token_ids, head=scorer == "head", seed=cfg.seed)
     counts = parameter_counts(peft_model, cfg.method.name, backbone.num_params)
     model = PromptedModel(
-        peft_model, backbone.kind, scorer, cfg.scorer.reduction, cfg.trainer.backbone_dropout, cfg.trainer.gradient_checkpointing
+        peft_model,
+        backbone.kind,
+        scorer,
+        cfg.scorer.reduction,
+        cfg.trainer.backbone_dropout,
+        cfg.trainer.gradient_checkpointing,
+        cfg.trainer.compile,
     )
     train_loader = make_loader(pipeline, "train", training=True, seed=cfg.seed)
     # the shuffle's generator: its state at an epoch's start fixes that epoch's order

@@ -160,6 +160,19 @@ def test_memory_estimate_by_precision_and_optimiser():
     check_memory(cfg, model_config, "decoder", "rank", available=(needed, "free in this test"))
 
 
+
+@pytest.mark.parametrize("method", ["p_tuning", "prefix_tuning", "lora"])
+def test_methods_with_a_head_train_in_fp32_under_a_bf16_backbone(method):
+    """Adapter and head learn in fp32 on a bf16 encoder; the head takes the bf16 features (a dtype clash before)."""
+    cfg = validate(compose_config(quick_overrides("tiny-bert", method=method, **{"model.dtype": "bfloat16"})))
+    pipeline = build_pipeline(cfg)
+    model = build_model(pipeline.backbone, cfg, pipeline.label_token_ids, head=True, seed=0)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    scorer = PromptedModel(model, pipeline.backbone.kind, "head").train()
+    loss = scorer(next(iter(make_loader(pipeline, "train", training=True)))).loss
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
 @pytest.mark.parametrize(
     "overrides,message",
     [

@@ -32,7 +32,7 @@ from transformers import AutoModel, PretrainedConfig
 from softprompt.backbone import Backbone, _is_head, model_class
 from softprompt.config import TrainConfig
 from softprompt.errors import ConfigError, UserError
-from softprompt.soft_prompt import attach_prompt, task_type
+from softprompt.soft_prompt import attach_prompt, task_type, train_in_fp32
 from softprompt.task import Task
 
 # methods whose trained vectors are prepended to the input embeddings (each row can carry its own)
@@ -187,10 +187,7 @@ def build_model(backbone: Backbone, cfg: TrainConfig, label_token_ids: list[list
             if method.name == "lora":
                 raise ConfigError("method.target_modules", method.target_modules, f"module names of {backbone.name} ({str(error).splitlines()[0]})") from None
             raise
-    # trained parameters stay fp32 even when the backbone runs in bf16/fp16
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            parameter.data = parameter.data.float()
+    train_in_fp32(model, backbone, head)
     return model
 
 

@@ -138,13 +138,18 @@ def attach_prompt(
     weight = prompt_parameter(model)
     with torch.no_grad():
         weight.copy_(start.to(weight.dtype))
-    # what learns (prompt, head) stays fp32 under a bf16/fp16 backbone: AdamW's small steps vanish in bf16's 8-bit mantissa
+    train_in_fp32(model, backbone, head)
+    return model
+
+
+def train_in_fp32(model: PeftModel, backbone: Backbone, head: bool) -> None:
+    """What learns (prompt, adapter, head) stays fp32 under a bf16/fp16 backbone: AdamW's small steps vanish in bf16's
+    8-bit mantissa. The head then takes the backbone's features in fp32."""
     for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
     if head and backbone.model.dtype != torch.float32:
         head_module(model.base_model).register_forward_pre_hook(lambda module, args: tuple(arg.float() for arg in args))
-    return model
 
 
 def prompt_parameter(model: PeftModel) -> torch.nn.Parameter:

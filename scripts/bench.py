@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from reference_recipe import run_reference
 
 from softprompt import run_dir as records
-from softprompt.backbone import Backbone, load_backbone
+from softprompt.backbone import Backbone
 from softprompt.batching import IGNORE, Collator, encode
 from softprompt.cli import compose_config
 from softprompt.config import TrainConfig, register_configs, validate
@@ -139,8 +139,7 @@ def prompted(pipeline: Pipeline, cfg: TrainConfig, backbone: Backbone | None = N
 def checkpointed_twin(pipeline: Pipeline, cfg: TrainConfig) -> PromptedModel:
     """The same model from its own copy of the backbone, trained with trainer.gradient_checkpointing."""
     cfg = replace(cfg, trainer=replace(cfg.trainer, gradient_checkpointing=True))
-    backbone = load_backbone(cfg.model, pipeline.task.num_classes if pipeline.scorer == "head" else None, pipeline.tokenizer)
-    return prompted(pipeline, cfg, backbone)
+    return prompted(pipeline, cfg, pipeline.load_backbone_copy())
 
 
 def training_batches(pipeline: Pipeline, sizes: Sizes) -> list[dict]:
@@ -419,9 +418,20 @@ def table(results: dict) -> str:
     return "\n".join(lines + ([""] + metric_lines if metric_lines else []))
 
 
-def write_markdown(path: Path, body: str, tag: str) -> None:
-    """Replace the section marked `tag` (between its markers), leaving other sections alone."""
+def command_line(script: str, dtype: str, models: list[str], quick: bool = False) -> str:
+    """The command that reproduces a run of one of the benchmark scripts."""
+    return (
+        f"python scripts/{script}"
+        + (" --quick" if quick else "")
+        + ("" if dtype == "float32" else f" --dtype {dtype}")
+        + ("" if models == list(MODELS) else " --models " + " ".join(models))
+    )
+
+
+def write_markdown(path: Path, body: str, script: str, dtype: str) -> None:
+    """Replace the script's section for this dtype (between its markers), leaving other sections alone."""
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    tag = script if dtype == "float32" else f"{script} {dtype}"
     begin, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
     section = f"{begin}\n{body.strip()}\n{end}"
     if begin in text and end in text:
@@ -462,12 +472,7 @@ def main() -> None:
             results[name] = result
             print(f"{name}: {json.dumps(result)}", flush=True)
     seconds = time.perf_counter() - started
-    command = (
-        "python scripts/bench.py"
-        + (" --quick" if args.quick else "")
-        + ("" if args.dtype == "float32" else f" --dtype {args.dtype}")
-        + ("" if args.models == list(MODELS) else " --models " + " ".join(args.models))
-    )
+    command = command_line("bench.py", args.dtype, args.models, args.quick)
     body = "\n".join(
         [
             "## Training loop" + ("" if args.dtype == "float32" else f", {args.dtype} backbone"),
@@ -487,7 +492,7 @@ def main() -> None:
         ]
     )
     print(body)
-    write_markdown(args.markdown, body, "bench.py" if args.dtype == "float32" else f"bench.py {args.dtype}")
+    write_markdown(args.markdown, body, "bench.py", args.dtype)
     if args.json:
         ratios = {
             name: {

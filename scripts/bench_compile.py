@@ -74,8 +74,7 @@ def main() -> None:
             f"| {name} ({bench.MODELS[name][1]}) | {r['compile_s']:.0f} | {e['step_s']:.3f} / {c['step_s']:.3f} | {r['step_speedup']:.2f}x "
             f"| {e['forward_s']:.3f} / {c['forward_s']:.3f} | {e['ratio']:.2f} / {c['ratio']:.2f} |"
         )
-    command = "python scripts/bench_compile.py" + ("" if args.dtype == "float32" else f" --dtype {args.dtype}")
-    command += "" if args.models == list(bench.MODELS) else " --models " + " ".join(args.models)
+    command = bench.command_line("bench_compile.py", args.dtype, args.models)
     body = "\n".join(
         [
             "## Compiled backbone (`trainer.compile=true`)",
@@ -89,7 +88,7 @@ def main() -> None:
         ]
     )
     print(body)
-    bench.write_markdown(args.markdown, body, "bench_compile.py" if args.dtype == "float32" else f"bench_compile.py {args.dtype}")
+    bench.write_markdown(args.markdown, body, "bench_compile.py", args.dtype)
 
 
 if __name__ == "__main__":

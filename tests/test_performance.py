@@ -131,7 +131,7 @@ def test_gradient_checkpointing_keeps_gradients_and_frees_activations(model, bac
     batch = next(iter(make_loader(pipeline, "train", training=True)))
     results = []
     for checkpointed in (False, True):
-        backbone = load_backbone(cfg.model, pipeline.task.num_classes if pipeline.scorer == "head" else None, pipeline.tokenizer)
+        backbone = pipeline.load_backbone_copy()
         peft_model = attach_prompt(backbone, cfg.prompt, pipeline.label_token_ids, head=pipeline.scorer == "head", seed=0)
         scorer = PromptedModel(peft_model, backbone.kind, pipeline.scorer, backbone_dropout=backbone_dropout, gradient_checkpointing=checkpointed)
         scorer.train()

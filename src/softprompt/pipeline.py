@@ -42,6 +42,10 @@ class Pipeline:
         """Tokens kept of each row's text: task.max_length, plus the prompt-design context."""
         return self.cfg.task.max_length + self.context_tokens
 
+    def load_backbone_copy(self) -> Backbone:
+        """An independent copy of the backbone as loaded here (same head size), to run two setups side by side."""
+        return load_backbone(self.cfg.model, self.task.num_classes if self.scorer == "head" else None, self.tokenizer)
+
 
 def check_lengths(cfg: TrainConfig, limit: int | None, answer_tokens: int, context_tokens: int = 0) -> None:
     """Prompt plus input (plus the answer, for decoders) must fit the model's position embeddings."""

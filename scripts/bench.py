@@ -184,7 +184,12 @@ def interleaved(variants: dict[str, callable], repeats: int) -> dict[str, float]
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+# the training modes measured side by side; keys of the plain step carry no suffix
 MODES = ("step", "checkpointed", "accumulated")
+
+
+def suffix(mode: str) -> str:
+    return "" if mode == "step" else f"_{mode}"
 
 
 def step_over_forward(model: PromptedModel, twin: PromptedModel, cfg: TrainConfig, batches: list[dict], halves: list[dict], repeats: int) -> dict:
@@ -203,9 +208,7 @@ def step_over_forward(model: PromptedModel, twin: PromptedModel, cfg: TrainConfi
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     return {
         **{f"{kind}_s": value for kind, value in seconds.items()},
-        "ratio": seconds["step"] / seconds["forward"],
-        "ratio_checkpointed": seconds["checkpointed"] / seconds["forward"],
-        "ratio_accumulated": seconds["accumulated"] / seconds["forward"],
+        **{f"ratio{suffix(kind)}": seconds[kind] / seconds["forward"] for kind in MODES},
         "tokens_per_batch": tokens / len(batches),
     }
 
@@ -236,7 +239,7 @@ def _memory_probe(name: str, sizes: Sizes, mode: str, queue) -> None:
     libc.malloc_trim(0)
     before = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set size
-    train_step(model, optimizer, *parts) if mode.startswith("train") else inference_forward(model, *parts)
+    train_step(model, optimizer, *parts) if mode.startswith("train") else inference_forward(model, parts[0])
     queue.put((before, _rss_kib("VmHWM")))
 
 
@@ -245,7 +248,7 @@ def peak_memory(name: str, sizes: Sizes) -> dict:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "transformers", "peft", "softprompt.pipeline", "softprompt.train"])
     # side by side: each process's peak is its own, so running them together only saves time
-    modes = ("inference", "train", "train_checkpointed", "train_accumulated")
+    modes = ("inference",) + tuple(f"train{suffix(mode)}" for mode in MODES)
     queues = {mode: context.Queue() for mode in modes}
     processes = [context.Process(target=_memory_probe, args=(name, sizes, mode, queues[mode])) for mode in modes]
     for process in processes:
@@ -255,8 +258,8 @@ def peak_memory(name: str, sizes: Sizes) -> dict:
         process.join()
     base_i, peak_i = result["inference"]
     out = {"inference_peak_mib": peak_i / 1024}
-    for mode, key in zip(modes[1:], ("", "_checkpointed", "_accumulated")):
-        base, peak = result[mode]
+    for key in map(suffix, MODES):
+        base, peak = result[f"train{key}"]
         out |= {
             f"train{key}_peak_mib": peak / 1024,
             f"ratio{key}": peak / peak_i,
@@ -421,7 +424,7 @@ def table(results: dict) -> str:
         "| peak MiB: train plain / checkpointed / accumulated / inference | activations only: plain / checkpointed / accumulated |",
         "|---|---|---|---|---|",
     ]
-    keys = ("", "_checkpointed", "_accumulated")
+    keys = [suffix(mode) for mode in MODES]
     for name, r in results.items():
         s, t, m, e = r["step"], r["throughput"], r["memory"], r.get("rank_eval")
         lines.append(
@@ -529,7 +532,7 @@ def main() -> None:
                 "train_memory_over_inference": round(r["memory"]["ratio"], 3),
                 **{
                     f"{measure}_{mode}": round(r[part][f"ratio_{mode}"], 3)
-                    for mode in ("checkpointed", "accumulated")
+                    for mode in MODES[1:]
                     for measure, part in (("step_over_forward", "step"), ("train_memory_over_inference", "memory"))
                 },
                 **({"rank_eval_speedup": round(r["rank_eval"]["ratio"], 3)} if "rank_eval" in r else {}),

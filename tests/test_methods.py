@@ -160,7 +160,6 @@ def test_memory_estimate_by_precision_and_optimiser():
     check_memory(cfg, model_config, "decoder", "rank", available=(needed, "free in this test"))
 
 
-
 @pytest.mark.parametrize("method", ["p_tuning", "prefix_tuning", "lora"])
 def test_methods_with_a_head_train_in_fp32_under_a_bf16_backbone(method):
     """Adapter and head learn in fp32 on a bf16 encoder; the head takes the bf16 features (a dtype clash before)."""
@@ -172,6 +171,7 @@ def test_methods_with_a_head_train_in_fp32_under_a_bf16_backbone(method):
     loss = scorer(next(iter(make_loader(pipeline, "train", training=True)))).loss
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
 
 @pytest.mark.parametrize(
     "overrides,message",

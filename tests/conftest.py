@@ -57,7 +57,9 @@ def quick_overrides(model: str = "tiny-bert", steps: int = 4, **extra: str) -> l
 
 @pytest.fixture
 def train_run(tmp_path):
-    """Train in-process from overrides; returns (run directory, result)."""
+    """Train in-process from overrides, the config saved as Hydra saves it; returns (run directory, result)."""
+    from omegaconf import OmegaConf
+
     from softprompt.cli import compose_config
     from softprompt.config import register_configs, validate
     from softprompt.train import train
@@ -65,9 +67,12 @@ def train_run(tmp_path):
     register_configs()
 
     def run(overrides: list[str], name: str = "run"):
-        cfg = validate(compose_config(overrides))
+        composed = compose_config(overrides)
+        cfg = validate(composed)
         run_path = tmp_path / name
-        run_path.mkdir(parents=True, exist_ok=True)
+        # the resolved config where Hydra leaves it, so the run directory is one the other commands accept
+        (run_path / ".hydra").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(composed, run_path / ".hydra" / "config.yaml")
         return run_path, train(cfg, run_path)
 
     return run

@@ -58,13 +58,6 @@ def test_mixed_batch_equals_each_prompt_alone(train_run, tmp_path, model):
     colours += colour_task(tmp_path)
     run_a, _ = train_run(reviews, "reviews")
     run_b, _ = train_run(colours, "colours")
-    (run_a / ".hydra").mkdir()
-    (run_b / ".hydra").mkdir()
-    from omegaconf import OmegaConf
-
-    OmegaConf.save(compose_config(reviews), run_a / ".hydra" / "config.yaml")
-    OmegaConf.save(compose_config(colours), run_b / ".hydra" / "config.yaml")
-
     pipe_a, own_a = alone(run_a, reviews)
     pipe_b, own_b = alone(run_b, colours)
     bank = PromptBank.load({"reviews": run_a, "colours": run_b})
@@ -91,11 +84,6 @@ def test_mixed_batch_equals_each_prompt_alone(train_run, tmp_path, model):
 def test_bank_refuses_prompts_of_other_backbones(train_run):
     run_a, _ = train_run(quick_overrides("tiny-gpt2", steps=0), "a")
     run_b, _ = train_run(quick_overrides("tiny-llama", steps=0), "b")
-    from omegaconf import OmegaConf
-
-    for run, model in ((run_a, "tiny-gpt2"), (run_b, "tiny-llama")):
-        (run / ".hydra").mkdir()
-        OmegaConf.save(compose_config(quick_overrides(model, steps=0)), run / ".hydra" / "config.yaml")
     with pytest.raises(UserError, match="prompts must share one backbone: 'a' uses 'tiny-gpt2', 'b' uses 'tiny-llama'"):
         PromptBank.load({"a": run_a, "b": run_b})
 
@@ -152,10 +140,6 @@ def test_inspect_lists_neighbours_and_label_positions(train_run, tmp_path):
     """A class_labels prompt before training sits exactly on its label words: both positions say so."""
     overrides = quick_overrides("tiny-gpt2", steps=0, **{"prompt.length": "3", "prompt.init": "class_labels"})
     run_dir, _ = train_run(overrides)
-    (run_dir / ".hydra").mkdir()
-    from omegaconf import OmegaConf
-
-    OmegaConf.save(compose_config(overrides), run_dir / ".hydra" / "config.yaml")
     result = run_cli("softprompt.inspect_prompt", str(run_dir), "-k", "3")
     assert result.returncode == 0, result.stderr[-2000:]
     import pandas as pd

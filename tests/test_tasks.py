@@ -71,7 +71,7 @@ OFFICIAL = {
     "sst2": (
         ("sst2",),
         {"train": 67349, "validation": 872},
-        "it 's a charming and often affecting journey .\nQuestion: Is this review positive or negative?\nAnswer:",
+        "it 's a charming and often affecting journey . \nQuestion: Is this review positive or negative?\nAnswer:",
         ["negative", "positive"],
         1,
     ),

@@ -2,7 +2,8 @@
 
 Two uses:
 - mixed batches: `--prompts NAME=RUN_DIR ... --input FILE` scores rows that each name their
-  prompt, every batch in one forward pass, and writes predictions with their scores;
+  prompt (with one prompt, rows need not name it), every batch in one forward pass, and writes
+  predictions with their scores;
 - ensembles: `--ensemble RUN_DIR ...` (K prompts of one task, e.g. the seeds of a sweep) scores
   the task's validation rows with all K prompts in one batch and combines them by majority vote
   and by mean log-probability (Lester et al. 2021, section 6), writing `ensemble.json`.
@@ -65,9 +66,13 @@ def predict_file(bank: PromptBank, input_path: Path, output_path: Path, prompt_f
     indices, examples = [], []
     for number, row in enumerate(rows, start=1):
         where = f"{input_path}, row {number}"
-        if prompt_field not in row:
+        if prompt_field in row:
+            index = bank.index(str(row[prompt_field]))
+        elif len(bank.names) == 1:
+            # one prompt serves every row: the task's own files (SST-2's dev.tsv) are input as they are
+            index = 0
+        else:
             raise UserError(f"{where}: no {prompt_field!r} column naming the row's prompt (one of: {', '.join(bank.names)})")
-        index = bank.index(str(row[prompt_field]))
         indices.append(index)
         examples.append(example_for(bank, index, row, where))
     scores = score_rows(bank, examples, indices, batch_size)

@@ -177,11 +177,13 @@ def read_superglue(path: Path) -> list[dict]:
 
 
 def read_glue(path: Path) -> list[dict]:
-    """GLUE tsv: MRPC's header renamed to template-friendly names, the trailing spaces of SST-2 stripped."""
-    return [
-        {GLUE_COLUMNS.get(key, key): value.strip() if isinstance(value, str) else value for key, value in row.items()}
-        for row in read_delimited(path, "\t")
-    ]
+    """GLUE tsv: MRPC's header renamed to template-friendly names; every value kept as the file has it.
+
+    SST-2's sentences end in a space. It stays: a byte-level BPE tokenizer (SmolLM2, Gemma, GPT-2) reads
+    "journey . \nQuestion" and "journey .\nQuestion" as different tokens, so a prompt tuned on altered text
+    scores differently on the rows a user, `softprompt-predict` or lm-evaluation-harness reads from the file.
+    """
+    return [{GLUE_COLUMNS.get(key, key): value for key, value in row.items()} for row in read_delimited(path, "\t")]
 
 
 def _number_or_text(value: str) -> Any:

@@ -25,6 +25,7 @@ with rank classification), on batches drawn from real tasks (SST-2, RTE from $SO
 
 Variants are interleaved in one process and medians kept, since the machine may be shared.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from reference_recipe import run_reference
-
 from softprompt import run_dir as records
 from softprompt.backbone import Backbone
 from softprompt.batching import IGNORE, Collator, encode
@@ -107,26 +107,37 @@ class Sizes:
         self.train_rows = 512 if quick else 4000
         self.eval_rows = 8 if quick else 128
         self.metric_eval_rows = 0 if quick else 200
-        self.steps = {"minilm-l6": 3 if quick else 60, "smollm2-135m": 3 if quick else 8, "t5-small-shape": 3 if quick else 8}
+        self.steps = {
+            "minilm-l6": 3 if quick else 60,
+            "smollm2-135m": 3 if quick else 8,
+            "t5-small-shape": 3 if quick else 8,
+        }
 
 
 def config(name: str, sizes: Sizes, **extra: object) -> TrainConfig:
     model_overrides, task = MODELS[name]
-    overrides = model_overrides + TASKS[task] + [
-        "prompt.length=20",
-        f"trainer.batch_size={sizes.batch}",
-        f"trainer.eval_batch_size={sizes.batch * 2}",
-        f"task.max_train_rows={sizes.train_rows}",
-        f"task.max_eval_rows={sizes.eval_rows}",
-        "trainer.progress_bar=false",
-        f"model.dtype={sizes.dtype}",
-    ] + [f"{key}={value}" for key, value in extra.items()]
+    overrides = (
+        model_overrides
+        + TASKS[task]
+        + [
+            "prompt.length=20",
+            f"trainer.batch_size={sizes.batch}",
+            f"trainer.eval_batch_size={sizes.batch * 2}",
+            f"task.max_train_rows={sizes.train_rows}",
+            f"task.max_eval_rows={sizes.eval_rows}",
+            "trainer.progress_bar=false",
+            f"model.dtype={sizes.dtype}",
+        ]
+        + [f"{key}={value}" for key, value in extra.items()]
+    )
     return validate(compose_config(overrides))
 
 
 def prompted(pipeline: Pipeline, cfg: TrainConfig, backbone: Backbone | None = None) -> PromptedModel:
     backbone = backbone or pipeline.backbone
-    peft_model = attach_prompt(backbone, cfg.prompt, pipeline.label_token_ids, head=pipeline.scorer == "head", seed=cfg.seed)
+    peft_model = attach_prompt(
+        backbone, cfg.prompt, pipeline.label_token_ids, head=pipeline.scorer == "head", seed=cfg.seed
+    )
     return PromptedModel(
         peft_model,
         backbone.kind,
@@ -147,7 +158,13 @@ def checkpointed_twin(pipeline: Pipeline, cfg: TrainConfig) -> PromptedModel:
 def training_batches(pipeline: Pipeline, sizes: Sizes, parts: int = 1) -> list[dict]:
     """Fixed batches of random training rows: the real task's length distribution, gold answers only. With `parts`,
     each batch's rows come as that many consecutive micro-batches (padded each to its own longest row)."""
-    rows = encode(pipeline.task.examples["train"], pipeline.tokenizer, pipeline.backbone.kind, pipeline.scorer, pipeline.cfg.task.max_length)
+    rows = encode(
+        pipeline.task.examples["train"],
+        pipeline.tokenizer,
+        pipeline.backbone.kind,
+        pipeline.scorer,
+        pipeline.cfg.task.max_length,
+    )
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
     collate = Collator(pipeline.backbone.kind, pipeline.scorer, pipeline.tokenizer.pad_token_id, all_candidates=False)
     size = sizes.batch // parts
@@ -192,7 +209,9 @@ def suffix(mode: str) -> str:
     return "" if mode == "step" else f"_{mode}"
 
 
-def step_over_forward(model: PromptedModel, twin: PromptedModel, cfg: TrainConfig, batches: list[dict], halves: list[dict], repeats: int) -> dict:
+def step_over_forward(
+    model: PromptedModel, twin: PromptedModel, cfg: TrainConfig, batches: list[dict], halves: list[dict], repeats: int
+) -> dict:
     """`twin` is the model with gradient checkpointing; `halves` the same batches' rows as micro-batches of half the
     rows, stepped with accumulated gradients; all measured in the same interleaved rounds."""
     optimizer = make_optimizer(cfg.trainer, [p for p in model.parameters() if p.requires_grad])
@@ -204,7 +223,9 @@ def step_over_forward(model: PromptedModel, twin: PromptedModel, cfg: TrainConfi
         variants[f"checkpointed{k}"] = lambda batch=batch: train_step(twin, twin_optimizer, batch)
         variants[f"accumulated{k}"] = lambda k=k: train_step(model, optimizer, *halves[2 * k : 2 * k + 2])
     medians = interleaved(variants, repeats)
-    seconds = {kind: sum(medians[f"{kind}{k}"] for k in range(len(batches))) / len(batches) for kind in MODES + ("forward",)}
+    seconds = {
+        kind: sum(medians[f"{kind}{k}"] for k in range(len(batches))) / len(batches) for kind in MODES + ("forward",)
+    }
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     return {
         **{f"{kind}_s": value for kind, value in seconds.items()},
@@ -214,6 +235,7 @@ def step_over_forward(model: PromptedModel, twin: PromptedModel, cfg: TrainConfi
 
 
 # ---- peak memory, each measurement in a fresh process -------------------------------------------
+
 
 def _rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -234,7 +256,11 @@ def _memory_probe(name: str, sizes: Sizes, mode: str, queue) -> None:
     cfg = config(name, sizes, **{"trainer.gradient_checkpointing": mode == "train_checkpointed"})
     pipeline = build_pipeline(cfg)
     model = prompted(pipeline, cfg)
-    parts = training_batches(pipeline, sizes, parts=2)[:2] if mode == "train_accumulated" else training_batches(pipeline, sizes)[:1]
+    parts = (
+        training_batches(pipeline, sizes, parts=2)[:2]
+        if mode == "train_accumulated"
+        else training_batches(pipeline, sizes)[:1]
+    )
     optimizer = make_optimizer(cfg.trainer, [p for p in model.parameters() if p.requires_grad])
     libc.malloc_trim(0)
     before = _rss_kib("VmRSS")
@@ -270,6 +296,7 @@ def peak_memory(name: str, sizes: Sizes) -> dict:
 
 # ---- throughput against the reference recipe ----------------------------------------------------
 
+
 def ours_throughput(cfg: TrainConfig, work: Path) -> tuple[list[float], dict]:
     """softprompt's own train(); per-step samples/s from its log (evaluation only at step 0 and the end)."""
     run_path = work / "ours"
@@ -282,13 +309,26 @@ def ours_throughput(cfg: TrainConfig, work: Path) -> tuple[list[float], dict]:
 def throughput(name: str, sizes: Sizes, work: Path) -> dict:
     steps = sizes.steps[name]
     # quick: no metric comparison, but train() still evaluates at step 0 and the end, so few rows
-    extra = {"trainer.log_every": 1, "trainer.eval_every": steps, "trainer.checkpoint_every": steps, "task.max_eval_rows": sizes.metric_eval_rows or 8}
+    extra = {
+        "trainer.log_every": 1,
+        "trainer.eval_every": steps,
+        "trainer.checkpoint_every": steps,
+        "task.max_eval_rows": sizes.metric_eval_rows or 8,
+    }
     cfg = config(name, sizes, **{"trainer.max_steps": steps, **extra})
     ours_steps, ours_result = ours_throughput(cfg, work)
     pipeline = build_pipeline(cfg)
     # the vectors attach_prompt starts from, so both recipes begin at the same prompt
-    initial = initial_prompt(cfg.prompt, pipeline.backbone, pipeline.label_token_ids, torch.Generator().manual_seed(cfg.seed))
-    rows = encode(pipeline.task.examples["train"], pipeline.tokenizer, pipeline.backbone.kind, pipeline.scorer, cfg.task.max_length)
+    initial = initial_prompt(
+        cfg.prompt, pipeline.backbone, pipeline.label_token_ids, torch.Generator().manual_seed(cfg.seed)
+    )
+    rows = encode(
+        pipeline.task.examples["train"],
+        pipeline.tokenizer,
+        pipeline.backbone.kind,
+        pipeline.scorer,
+        cfg.task.max_length,
+    )
     torch.manual_seed(cfg.seed)
     reference_model, reference_steps = run_reference(cfg, pipeline.backbone, rows, pipeline.scorer, initial)
     ours_s = statistics.median(ours_steps[1:])
@@ -318,6 +358,7 @@ def throughput(name: str, sizes: Sizes, work: Path) -> dict:
 
 # ---- rank-classification evaluation against the naive way ---------------------------------------
 
+
 @torch.no_grad()
 def naive_scores(model: PromptedModel, batch_rows: list, kind: str, pad: int) -> torch.Tensor:
     """One forward per candidate through PEFT's own forward, log-softmax over the whole vocabulary everywhere."""
@@ -332,7 +373,11 @@ def naive_scores(model: PromptedModel, batch_rows: list, kind: str, pad: int) ->
             width = max(map(len, sequences))
             ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
             mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-            log_probs = peft_model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)[:, model_prompt_length(model):]
+            log_probs = (
+                peft_model(input_ids=ids, attention_mask=mask)
+                .logits.float()
+                .log_softmax(-1)[:, model_prompt_length(model) :]
+            )
             for row, (n, answer) in enumerate(zip(members, answers)):
                 start = len(batch_rows[n].input_ids)
                 positions = torch.arange(start - 1, start - 1 + len(answer))
@@ -360,12 +405,16 @@ def rank_eval_speedup(model: PromptedModel, pipeline: Pipeline, sizes: Sizes) ->
     (rows in split order; for decoders every (row, candidate) pair as its own input-plus-answer sequence)."""
     loader = make_loader(pipeline, "validation", training=False)
     kind, pad = pipeline.backbone.kind, pipeline.tokenizer.pad_token_id
-    rows = encode(pipeline.task.examples["validation"], pipeline.tokenizer, kind, pipeline.scorer, pipeline.cfg.task.max_length)
+    rows = encode(
+        pipeline.task.examples["validation"], pipeline.tokenizer, kind, pipeline.scorer, pipeline.cfg.task.max_length
+    )
     size = pipeline.cfg.trainer.eval_batch_size
     groups = [rows[i : i + size] for i in range(0, len(rows), size)]
     pairs = Collator(kind, "rank", pad, all_candidates=False)
     if kind == "decoder":
-        before_batches = [pairs([replace(row, label=c) for row in group for c in range(len(row.candidate_ids))]) for group in groups]
+        before_batches = [
+            pairs([replace(row, label=c) for row in group for c in range(len(row.candidate_ids))]) for group in groups
+        ]
     else:
         before_batches = [loader.collate_fn(group) for group in groups]
     model.eval()
@@ -376,8 +425,12 @@ def rank_eval_speedup(model: PromptedModel, pipeline: Pipeline, sizes: Sizes) ->
             table[batch["index"]] = model(batch).scores
         return table
 
-    naive = lambda: torch.cat([naive_scores(model, group, kind, pad) for group in groups])
-    before = lambda: [model(batch) for batch in before_batches]
+    def naive():
+        return torch.cat([naive_scores(model, group, kind, pad) for group in groups])
+
+    def before():
+        return [model(batch) for batch in before_batches]
+
     medians = interleaved({"ours": ours, "before": before, "naive": naive}, sizes.repeats)
     return {
         "rows": len(rows),
@@ -391,6 +444,7 @@ def rank_eval_speedup(model: PromptedModel, pipeline: Pipeline, sizes: Sizes) ->
 
 
 # ---- report ----------------------------------------------------------------------------------------
+
 
 def machine() -> str:
     load = os.getloadavg()
@@ -430,7 +484,11 @@ def table(results: dict) -> str:
         lines.append(
             f"| {name} ({MODELS[name][1]}) | {joined(s['ratio' + key] for key in keys)} | {joined(m['ratio' + key] for key in keys)} "
             f"| {t['ours_samples_per_s']:.1f} / {t['reference_samples_per_s']:.1f} | {t['ratio']:.2f}x "
-            + (f"| {e['ours_rows_per_s']:.1f} / {e['naive_rows_per_s']:.1f} | {e['ratio']:.2f}x (before: {e['ratio_before']:.2f}x) |" if e else "| n/a | n/a |")
+            + (
+                f"| {e['ours_rows_per_s']:.1f} / {e['naive_rows_per_s']:.1f} | {e['ratio']:.2f}x (before: {e['ratio_before']:.2f}x) |"
+                if e
+                else "| n/a | n/a |"
+            )
         )
         details.append(
             f"| {name} ({MODELS[name][1]}) | {s['tokens_per_batch']:.0f} | {joined((s[kind + '_s'] for kind in MODES + ('forward',)), '.3f')} "
@@ -476,7 +534,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a reduced run, under two minutes on 2 CPU cores")
     parser.add_argument("--json", type=Path, help="write the per-model ratios to this file")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the backbone's dtype (the prompt and head stay fp32)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the backbone's dtype (the prompt and head stay fp32)",
+    )
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()

@@ -5,6 +5,7 @@
 Throughput is rows per second of scoring (inference), each configuration timed `--repeats` times
 with the median kept, all interleaved in one process so machine load affects each alike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,10 @@ def make_bank(model: str, prompts: int, work: Path) -> tuple[PromptBank, list]:
             base.cfg,
             base.task,
             torch.rand(base.prompt.shape, generator=generator) - 0.5,
-            {key: value + 0.01 * torch.randn(value.shape, generator=generator) for key, value in base.head_state.items()},
+            {
+                key: value + 0.01 * torch.randn(value.shape, generator=generator)
+                for key, value in base.head_state.items()
+            },
         )
         for i in range(prompts)
     ]
@@ -72,13 +76,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         bank, examples = make_bank(args.model, 16, Path(work))
         examples = (examples * (args.rows // len(examples) + 1))[: args.rows]
-        run = lambda indices, rows=examples, batch=args.batch_size: score_rows(bank, rows, indices, batch, progress=False)  # noqa: E731
+
+        def run(indices, rows=examples, batch=args.batch_size):
+            return score_rows(bank, rows, indices, batch, progress=False)
+
         run([0] * len(examples))  # warm-up
         results = []
         single = timed(lambda: run([0] * len(examples)), args.repeats)
         results.append(("1 prompt, batches of one prompt", single, 1.0))
         for count in (4, 16):
-            mixed = timed(lambda: run([i % count for i in range(len(examples))]), args.repeats)
+            mixed = timed(lambda count=count: run([i % count for i in range(len(examples))]), args.repeats)
             results.append((f"{count} prompts mixed in every batch", mixed, single / mixed))
 
             def one_by_one(count=count):
@@ -90,7 +97,12 @@ def main() -> None:
             results.append((f"{count} prompts, each prompt's rows in its own batches", separate, single / separate))
         k = args.ensemble
         subset = examples[: len(examples) // k]
-        together = timed(lambda: run([i for _ in subset for i in range(k)], [e for e in subset for _ in range(k)], args.batch_size * k), args.repeats)
+        together = timed(
+            lambda: run(
+                [i for _ in subset for i in range(k)], [e for e in subset for _ in range(k)], args.batch_size * k
+            ),
+            args.repeats,
+        )
         apart = timed(lambda: [run([i] * len(subset), subset) for i in range(k)], args.repeats)
         lines = [
             f"### Prompt bank throughput ({args.model}, {bank.scorer} scorer)",
@@ -102,7 +114,10 @@ def main() -> None:
             "| configuration | seconds for the rows | rows/s | speed vs 1 prompt |",
             "|---|---|---|---|",
         ]
-        lines += [f"| {name} | {seconds:.2f} | {len(examples) / seconds:.1f} | {ratio:.2f}x |" for name, seconds, ratio in results]
+        lines += [
+            f"| {name} | {seconds:.2f} | {len(examples) / seconds:.1f} | {ratio:.2f}x |"
+            for name, seconds, ratio in results
+        ]
         lines += [
             "",
             f"Ensemble of {k} prompts over {len(subset)} rows: one batch of all {k} prompts {together:.2f} s, "

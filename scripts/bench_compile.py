@@ -7,6 +7,7 @@ The models, batches and step of scripts/bench.py (full sizes). Compilation is ti
 over the batches (a training step and a forward each; dynamic shapes, so every length shares the
 graphs); then eager and compiled variants are interleaved and medians kept.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,14 @@ def variants(name: str, sizes: bench.Sizes, compiled: bool) -> tuple[dict, float
 def measure(name: str, sizes: bench.Sizes) -> dict:
     eager, eager_first = variants(name, sizes, compiled=False)
     compiled, compiled_first = variants(name, sizes, compiled=True)
-    medians = bench.interleaved({**{f"eager {k}": run for k, run in eager.items()}, **{f"compiled {k}": run for k, run in compiled.items()}}, sizes.repeats)
-    total = lambda mode, kind: sum(seconds for key, seconds in medians.items() if key.startswith(f"{mode} {kind}")) / sizes.batches
+    medians = bench.interleaved(
+        {**{f"eager {k}": run for k, run in eager.items()}, **{f"compiled {k}": run for k, run in compiled.items()}},
+        sizes.repeats,
+    )
+
+    def total(mode, kind):
+        return sum(seconds for key, seconds in medians.items() if key.startswith(f"{mode} {kind}")) / sizes.batches
+
     out = {"compile_s": compiled_first - eager_first}
     for mode in ("eager", "compiled"):
         out[mode] = {"step_s": total(mode, "step"), "forward_s": total(mode, "forward")}

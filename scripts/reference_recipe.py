@@ -9,6 +9,7 @@ row. Model, rows, answer tokens, batch size, steps, optimiser (AdamW, constant L
 precision come from the same softprompt config, so only the training machinery differs. The prompt
 can start from given vectors, so both recipes begin at the same point.
 """
+
 from __future__ import annotations
 
 import sys
@@ -49,7 +50,11 @@ def documented_rows(rows: list[Encoded], backbone: Backbone, scorer: str, max_le
             ids = (row.input_ids + answer)[-max_length:]
             labels = ([IGNORE] * len(row.input_ids) + answer)[-max_length:]
             fill = max_length - len(ids)
-            item = {"input_ids": [pad] * fill + ids, "attention_mask": [0] * fill + [1] * len(ids), "labels": [IGNORE] * fill + labels}
+            item = {
+                "input_ids": [pad] * fill + ids,
+                "attention_mask": [0] * fill + [1] * len(ids),
+                "labels": [IGNORE] * fill + labels,
+            }
         else:
             answer = row.candidate_ids[row.label]
             fill = max_length - len(row.input_ids)
@@ -129,10 +134,18 @@ def main(overrides: list[str]) -> None:
     register_configs()
     cfg = validate(compose_config(overrides))
     pipeline = build_pipeline(cfg, ("train",))
-    rows = encode(pipeline.task.examples["train"], pipeline.tokenizer, pipeline.backbone.kind, pipeline.scorer, cfg.task.max_length)
+    rows = encode(
+        pipeline.task.examples["train"],
+        pipeline.tokenizer,
+        pipeline.backbone.kind,
+        pipeline.scorer,
+        cfg.task.max_length,
+    )
     _, steps = run_reference(cfg, pipeline.backbone, rows, pipeline.scorer)
     steady = sorted(steps[1:] or steps)[len(steps[1:] or steps) // 2]
-    print(f"reference recipe: {len(steps)} steps, median {steady:.3f}s/step, {cfg.trainer.batch_size / steady:.1f} samples/s")
+    print(
+        f"reference recipe: {len(steps)} steps, median {steady:.3f}s/step, {cfg.trainer.batch_size / steady:.1f} samples/s"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Shared test setup: offline always, tiny models for speed, real data through SOFTPROMPT_DATA."""
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,9 @@ def data_dir(*parts: str) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run a console script's module the way a user would, capturing both streams."""
     return subprocess.run(
         [sys.executable, "-m", *args],

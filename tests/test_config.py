@@ -1,4 +1,5 @@
 """Every config file composes, every sensible combination builds, and every mistake is one line."""
+
 from __future__ import annotations
 
 import itertools
@@ -13,7 +14,10 @@ from softprompt.pipeline import build_pipeline
 from softprompt.soft_prompt import attach_prompt, trainable_counts
 
 CONF = ROOT / "conf"
-GROUPS = {group: sorted(path.stem for path in (CONF / group).glob("*.yaml")) for group in ("model", "task", "prompt", "trainer")}
+GROUPS = {
+    group: sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+    for group in ("model", "task", "prompt", "trainer")
+}
 TINY = ["tiny-bert", "tiny-gpt2", "tiny-llama", "tiny-t5"]
 
 
@@ -30,7 +34,9 @@ def test_tiny_model_and_init_combinations_build(model, init):
     overrides = quick_overrides(model, **{"prompt.init": init, "prompt.text": "classify this review"})
     cfg = validate(compose_config(overrides))
     pipeline = build_pipeline(cfg)
-    peft_model = attach_prompt(pipeline.backbone, cfg.prompt, pipeline.label_token_ids, pipeline.scorer == "head", cfg.seed)
+    peft_model = attach_prompt(
+        pipeline.backbone, cfg.prompt, pipeline.label_token_ids, pipeline.scorer == "head", cfg.seed
+    )
     counts = trainable_counts(peft_model)
     assert counts["prompt"] == cfg.prompt.length * pipeline.backbone.width
     assert counts["head"] == (0 if pipeline.scorer != "head" else pipeline.backbone.width * 2 + 2)
@@ -48,7 +54,10 @@ def test_backbone_is_frozen():
     [
         (["model=nope"], "model='nope' is not allowed: one of: "),
         (["task=nope"], "task='nope' is not allowed: one of: "),
-        (["prompt.init=zeros"], "prompt.init='zeros' is not allowed: one of: random_uniform, sampled_vocab, class_labels, text, from_file"),
+        (
+            ["prompt.init=zeros"],
+            "prompt.init='zeros' is not allowed: one of: random_uniform, sampled_vocab, class_labels, text, from_file",
+        ),
         (["scorer.name=vote"], "scorer.name='vote' is not allowed: one of: auto, head, rank, generate"),
         (["prompt.length=0"], "prompt.length=0 is not allowed: a number >= 1"),
         (["prompt.length=-3"], "prompt.length=-3 is not allowed: a number >= 1"),
@@ -58,13 +67,18 @@ def test_backbone_is_frozen():
         (["model=tiny-gpt2", "prompt.length=191"], "prompt.length + task.max_length + answer tokens"),
         (["trainer.foo=1"], "trainer.foo is not a config key: trainer has: optimizer, lr,"),
         (["prompt.length=abc"], "prompt.length: Value 'abc' of type 'str' could not be converted to Integer"),
-        (["model=tiny-t5", "scorer.name=head"], "scorer.name='head' is not allowed: rank or generate for a encoder_decoder model"),
+        (
+            ["model=tiny-t5", "scorer.name=head"],
+            "scorer.name='head' is not allowed: rank or generate for a encoder_decoder model",
+        ),
         (["model.name_or_path=no-such-org/no-such-model"], "could not be loaded: it is not a zoo name"),
     ],
 )
 def test_user_mistakes_give_one_line_and_exit_2(tmp_path, overrides, message):
     run_dir = tmp_path / "run"
-    result = run_cli("softprompt.train", *overrides, f"hydra.run.dir={run_dir}", "trainer.progress_bar=false", timeout=300)
+    result = run_cli(
+        "softprompt.train", *overrides, f"hydra.run.dir={run_dir}", "trainer.progress_bar=false", timeout=300
+    )
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]

@@ -3,6 +3,7 @@ multi-process jobs through hydra/launcher=accelerate, and submitit's local launc
 
 Every multi-process start costs ~10 s of imports on 2 cores, so each test starts as few as it can.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,14 @@ def two_processes(tmp_path_factory):
     """One torchrun job of 2 processes with per-device batch b: (completed process, its output root)."""
     root = tmp_path_factory.mktemp("torchrun")
     result = run_cli(
-        "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "softprompt.train", *equivalence_overrides(PER_DEVICE_BATCH), f"output_root={root}",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "softprompt.train",
+        *equivalence_overrides(PER_DEVICE_BATCH),
+        f"output_root={root}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result, root
@@ -54,7 +61,15 @@ def test_two_processes_write_one_complete_run_directory_and_speak_once(two_proce
     runs = list((root / "runs").iterdir())
     assert len(runs) == 1, runs
     run_dir = runs[0]
-    for name in ("metrics.json", "env.json", "task.json", "train_log.jsonl", "train.log", "prompt/adapter_model.safetensors", ".hydra/config.yaml"):
+    for name in (
+        "metrics.json",
+        "env.json",
+        "task.json",
+        "train_log.jsonl",
+        "train.log",
+        "prompt/adapter_model.safetensors",
+        ".hydra/config.yaml",
+    ):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
     env = json.loads((run_dir / "env.json").read_text())
@@ -97,8 +112,11 @@ def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(two_processes, t
 
 def test_distributed_sweep_runs_each_job_as_its_own_accelerate_launch_and_resumes(tmp_path):
     common = [
-        "-m", "hydra/launcher=accelerate", "hydra.launcher.num_processes=2",
-        *quick_overrides("tiny-bert", steps=2, **{"prompt.length": "2"}), f"output_root={tmp_path}",
+        "-m",
+        "hydra/launcher=accelerate",
+        "hydra.launcher.num_processes=2",
+        *quick_overrides("tiny-bert", steps=2, **{"prompt.length": "2"}),
+        f"output_root={tmp_path}",
     ]
     # the third job's config is wrong (init=text without a text): it fails alone, the others go on
     first = run_cli("softprompt.train", *common, "prompt.init=class_labels,random_uniform,text")
@@ -106,7 +124,10 @@ def test_distributed_sweep_runs_each_job_as_its_own_accelerate_launch_and_resume
     sweep_dir = tmp_path / "sweeps" / "multirun"
     jobs = sorted(path for path in sweep_dir.iterdir() if path.is_dir() and not path.name.startswith("."))
     assert len(jobs) == 3
-    by_init = {init: next(job for job in jobs if f"_{init}_" in job.name) for init in ("class_labels", "random_uniform", "text")}
+    by_init = {
+        init: next(job for job in jobs if f"_{init}_" in job.name)
+        for init in ("class_labels", "random_uniform", "text")
+    }
     failed = json.loads((by_init["text"] / "metrics.json").read_text())
     assert failed["status"] == "failed" and "prompt.text" in failed["reason"]
     for init in ("class_labels", "random_uniform"):
@@ -129,8 +150,13 @@ def test_distributed_sweep_runs_each_job_as_its_own_accelerate_launch_and_resume
 def test_submitit_local_runs_a_sweep_with_two_processes_per_job(tmp_path):
     """The SLURM code path on one machine: two tasks per job, joined through submitit's environment."""
     result = run_cli(
-        "softprompt.train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
-        *quick_overrides("tiny-bert", steps=2), "prompt.length=2,4", f"output_root={tmp_path}",
+        "softprompt.train",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.tasks_per_node=2",
+        *quick_overrides("tiny-bert", steps=2),
+        "prompt.length=2,4",
+        f"output_root={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = tmp_path / "sweeps" / "multirun"
@@ -147,7 +173,12 @@ def test_submitit_local_runs_a_sweep_with_two_processes_per_job(tmp_path):
 
 def test_slurm_config_starts_one_process_per_gpu_on_every_node():
     launcher = compose_config(
-        ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4"],
+        [
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.nodes=2",
+            "hydra.launcher.gpus_per_node=4",
+        ],
         return_hydra_config=True,
     ).hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
@@ -156,7 +187,11 @@ def test_slurm_config_starts_one_process_per_gpu_on_every_node():
 
 
 def test_zero3_is_refused_in_one_line_before_anything_loads():
-    result = run_cli("softprompt.train", "model=tiny-bert", env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    result = run_cli(
+        "softprompt.train",
+        "model=tiny-bert",
+        env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+    )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: DeepSpeed ZeRO-3 is not supported")
 
@@ -166,7 +201,11 @@ def test_zero3_is_refused_in_one_line_before_anything_loads():
     [
         ({"ACCELERATE_USE_FSDP": "true"}, [], "FSDP is not supported yet"),
         ({"WORLD_SIZE": "2", "RANK": "0"}, ["-m", "prompt.length=1,5"], "-m/--multirun inside a multi-process launch"),
-        ({"WORLD_SIZE": "2", "RANK": "0"}, ["--multirun", "prompt.length=1,5"], "-m/--multirun inside a multi-process launch"),
+        (
+            {"WORLD_SIZE": "2", "RANK": "0"},
+            ["--multirun", "prompt.length=1,5"],
+            "-m/--multirun inside a multi-process launch",
+        ),
     ],
 )
 def test_launches_that_cannot_work_are_refused(monkeypatch, env, argv, message):

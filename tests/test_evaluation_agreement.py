@@ -5,6 +5,7 @@ Three ways to score the same SST-2 dev rows with a run's prompt must agree row b
 - `softprompt-predict`: the prompt bank, reading the official dev file as a user would;
 - plain PEFT: `PeftModel.from_pretrained` on the backbone, one row at a time, no padding.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,8 +21,6 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from conftest import data_dir
 from softprompt.backbone import load_backbone
 from softprompt.batching import candidate_tokens
-from softprompt.cli import compose_config
-from softprompt.config import validate
 from softprompt.method import build_model
 from softprompt.pipeline import build_pipeline, make_loader, predict
 from softprompt.predict import predict_file
@@ -45,7 +44,11 @@ def training_time_scores(run_path: Path) -> tuple[torch.Tensor, bool]:
     cfg = run_config(run_path)
     cfg.prompt.init, cfg.prompt.path = "from_file", str(run_path)
     pipeline = build_pipeline(cfg)
-    model = PromptedModel(build_model(pipeline.backbone, cfg, pipeline.label_token_ids, head=False, seed=cfg.seed), pipeline.backbone.kind, pipeline.scorer)
+    model = PromptedModel(
+        build_model(pipeline.backbone, cfg, pipeline.label_token_ids, head=False, seed=cfg.seed),
+        pipeline.backbone.kind,
+        pipeline.scorer,
+    )
     loader = make_loader(pipeline, "validation", training=False)
     padded = any(bool((batch["attention_mask"] == 0).any()) for batch in loader)
     result = predict(model, loader, Accelerator(cpu=True), progress=False)
@@ -92,7 +95,9 @@ def plain_peft_scores(run_path: Path, input_path: Path, tmp_path: Path) -> torch
 
 def check_agreement(run_path: Path, result: dict, rows: int, tmp_path: Path) -> None:
     input_path = dev_file(tmp_path, rows)
-    labels = torch.tensor([int(row["label"]) for row in csv.DictReader(open(input_path), delimiter="\t", quoting=csv.QUOTE_NONE)])
+    labels = torch.tensor(
+        [int(row["label"]) for row in csv.DictReader(open(input_path), delimiter="\t", quoting=csv.QUOTE_NONE)]
+    )
     during, padded = training_time_scores(run_path)
     served, served_accuracy = bank_scores(run_path, input_path, tmp_path / "pred.jsonl")
     plain = plain_peft_scores(run_path, input_path, tmp_path)
@@ -109,8 +114,16 @@ def check_agreement(run_path: Path, result: dict, rows: int, tmp_path: Path) -> 
 def test_training_time_evaluation_matches_predict_and_plain_peft_on_tiny_models(model, train_run, tmp_path):
     data_dir("sst2")
     overrides = [
-        f"model={model}", "task=sst2", "task.max_train_rows=32", "task.max_eval_rows=24", "prompt.length=4",
-        "trainer.max_steps=2", "trainer.eval_every=2", "trainer.batch_size=8", "trainer.eval_batch_size=8", "trainer.progress_bar=false",
+        f"model={model}",
+        "task=sst2",
+        "task.max_train_rows=32",
+        "task.max_eval_rows=24",
+        "prompt.length=4",
+        "trainer.max_steps=2",
+        "trainer.eval_every=2",
+        "trainer.batch_size=8",
+        "trainer.eval_batch_size=8",
+        "trainer.progress_bar=false",
     ]
     run_path, result = train_run(overrides)
     check_agreement(run_path, result, 24, tmp_path)
@@ -124,8 +137,13 @@ def test_training_time_evaluation_matches_predict_and_plain_peft_on_smollm2(trai
     if not zoo.is_installed("smollm2-135m"):
         pytest.fail("smollm2-135m is not installed: scripts/install.sh --dev installs it")
     overrides = [
-        "model=smollm2-135m", "task=sst2", "task.max_train_rows=16", "task.max_eval_rows=32",
-        "trainer.max_steps=0", "trainer.eval_batch_size=8", "trainer.progress_bar=false",
+        "model=smollm2-135m",
+        "task=sst2",
+        "task.max_train_rows=16",
+        "task.max_eval_rows=32",
+        "trainer.max_steps=0",
+        "trainer.eval_batch_size=8",
+        "trainer.progress_bar=false",
     ]
     run_path, result = train_run(overrides)
     check_agreement(run_path, result, 32, tmp_path)

@@ -1,5 +1,6 @@
 """Methods under one roof: model tuning, prompt design, prefix tuning, p-tuning and LoRA run through the same
 configs, scorers, loop, checkpoints and report as prompt tuning, with exact trainable parameter counts."""
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,9 @@ def expected_counts(method: str, model, pipeline) -> int:
     if method == "prefix_tuning":
         # a key and a value vector per layer and virtual token, as wide as the layer's keys (grouped-query
         # attention: kv heads x head dim); T5: the decoder's layers
-        layers = getattr(config, "num_decoder_layers", None) or getattr(config, "num_hidden_layers", None) or config.n_layer
+        layers = (
+            getattr(config, "num_decoder_layers", None) or getattr(config, "num_hidden_layers", None) or config.n_layer
+        )
         heads = config.num_attention_heads if hasattr(config, "num_attention_heads") else config.n_head
         kv_width = getattr(config, "num_key_value_heads", heads) * (width // heads)
         return layers * 2 * LENGTH * kv_width
@@ -63,12 +66,18 @@ def expected_counts(method: str, model, pipeline) -> int:
 @pytest.mark.parametrize("model", TINY)
 @pytest.mark.parametrize("method", TRAINED)
 def test_each_method_trains_each_architecture_with_exact_counts(train_run, model, method):
-    overrides = quick_overrides(model, steps=2, **{"method": method, "prompt.length": str(LENGTH), "trainer.log_every": "1"})
+    overrides = quick_overrides(
+        model, steps=2, **{"method": method, "prompt.length": str(LENGTH), "trainer.log_every": "1"}
+    )
     cfg = validate(compose_config(overrides))
     pipeline = build_pipeline(cfg)
     fresh = {name: p.numel() for name, p in pipeline.backbone.model.named_parameters()}
     head = sum(n for name, n in fresh.items() if name.split(".")[0] in ("classifier", "score"))
-    expected = sum(fresh.values()) if method == "model_tuning" else expected_counts(method, pipeline.backbone.model, pipeline) + head
+    expected = (
+        sum(fresh.values())
+        if method == "model_tuning"
+        else expected_counts(method, pipeline.backbone.model, pipeline) + head
+    )
 
     run_dir, result = train_run(overrides)
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -85,10 +94,19 @@ def test_each_method_trains_each_architecture_with_exact_counts(train_run, model
     assert (saved / ("model.safetensors" if method == "model_tuning" else "adapter_model.safetensors")).is_file()
 
 
-@pytest.mark.parametrize("model,method", [(m, k) for m in ("tiny-bert", "tiny-gpt2", "tiny-llama") for k in ("prefix_tuning", "p_tuning", "lora")])
+@pytest.mark.parametrize(
+    "model,method",
+    [(m, k) for m in ("tiny-bert", "tiny-gpt2", "tiny-llama") for k in ("prefix_tuning", "p_tuning", "lora")],
+)
 def test_shared_scorer_paths_match_peft_forward(model, method):
     """Batched, padded scoring with prefixes / encoded prompts / LoRA equals PEFT's own forward, one row at a time."""
-    cfg = validate(compose_config(quick_overrides(model, **{"method": method, "prompt.length": str(LENGTH), "task.builtin_size.validation": "8"})))
+    cfg = validate(
+        compose_config(
+            quick_overrides(
+                model, **{"method": method, "prompt.length": str(LENGTH), "task.builtin_size.validation": "8"}
+            )
+        )
+    )
     pipeline = build_pipeline(cfg)
     peft_model = build_model(pipeline.backbone, cfg, pipeline.label_token_ids, pipeline.scorer == "head", seed=0)
     generator = torch.Generator().manual_seed(1)
@@ -98,7 +116,12 @@ def test_shared_scorer_paths_match_peft_forward(model, method):
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
     peft_model.eval()
     with torch.no_grad():
-        ours = predict(PromptedModel(peft_model, pipeline.backbone.kind, pipeline.scorer).eval(), make_loader(pipeline, "validation", False), Accelerator(), progress=False)
+        ours = predict(
+            PromptedModel(peft_model, pipeline.backbone.kind, pipeline.scorer).eval(),
+            make_loader(pipeline, "validation", False),
+            Accelerator(),
+            progress=False,
+        )
         theirs = torch.tensor(peft_scores(peft_model, pipeline))
     assert torch.allclose(torch.tensor(ours.scores), theirs, atol=1e-4), (ours.scores[:2], theirs[:2])
 
@@ -106,12 +129,31 @@ def test_shared_scorer_paths_match_peft_forward(model, method):
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-t5"])
 def test_prompt_design_writes_the_rendered_prompt_and_trains_nothing(train_run, model):
     instruction = "Say whether each review is positive or negative."
-    run_dir, result = train_run(quick_overrides(model, **{
-        "method": "prompt_design", "method.instruction": f"'{instruction}'", "method.num_demonstrations": "2", "method.show_rows": "2",
-    }))
+    run_dir, result = train_run(
+        quick_overrides(
+            model,
+            **{
+                "method": "prompt_design",
+                "method.instruction": f"'{instruction}'",
+                "method.num_demonstrations": "2",
+                "method.show_rows": "2",
+            },
+        )
+    )
     assert result["method"] == "prompt_design" and result["steps"] == 0 and result["trainable_params"]["total"] == 0
     assert result["eval"] == result["initial_eval"] and not (run_dir / "checkpoint").exists()
-    cfg = validate(compose_config(quick_overrides(model, **{"method": "prompt_design", "method.instruction": f"'{instruction}'", "method.num_demonstrations": "2"})))
+    cfg = validate(
+        compose_config(
+            quick_overrides(
+                model,
+                **{
+                    "method": "prompt_design",
+                    "method.instruction": f"'{instruction}'",
+                    "method.num_demonstrations": "2",
+                },
+            )
+        )
+    )
     pipeline = build_pipeline(cfg)
     first = pipeline.task.examples["validation"][0]
     text = (run_dir / "rendered_prompts.txt").read_text()
@@ -135,9 +177,18 @@ def test_prompt_design_zero_shot_is_the_bare_template(train_run):
 
 def test_model_tuning_memory_check_refuses_in_one_line(tmp_path):
     # a llama of ~100B parameters, counted on the meta device: nothing is allocated
-    huge = ["model=tiny-llama", "method=model_tuning", "model.from_config.hidden_size=16384", "model.from_config.num_hidden_layers=48",
-            "model.from_config.intermediate_size=65536", "model.from_config.num_attention_heads=128", "model.from_config.num_key_value_heads=8"]
-    result = run_cli("softprompt.train", *huge, f"hydra.run.dir={tmp_path / 'run'}", "trainer.progress_bar=false", timeout=300)
+    huge = [
+        "model=tiny-llama",
+        "method=model_tuning",
+        "model.from_config.hidden_size=16384",
+        "model.from_config.num_hidden_layers=48",
+        "model.from_config.intermediate_size=65536",
+        "model.from_config.num_attention_heads=128",
+        "model.from_config.num_key_value_heads=8",
+    ]
+    result = run_cli(
+        "softprompt.train", *huge, f"hydra.run.dir={tmp_path / 'run'}", "trainer.progress_bar=false", timeout=300
+    )
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert "method=model_tuning of tiny-llama needs about" in lines[0] and "GiB" in lines[0]
@@ -153,7 +204,9 @@ def test_memory_estimate_by_precision_and_optimiser():
     assert count == params and needed == params * (4 + 4 + 8)
     half = validate(compose_config(quick_overrides("tiny-gpt2", method="model_tuning", **{"model.dtype": "bfloat16"})))
     assert memory_estimate(half, model_config, "decoder", "rank")[0] == params * (2 + 2 + 4)
-    factored = validate(compose_config(quick_overrides("tiny-gpt2", method="model_tuning", **{"trainer.optimizer": "adafactor"})))
+    factored = validate(
+        compose_config(quick_overrides("tiny-gpt2", method="model_tuning", **{"trainer.optimizer": "adafactor"}))
+    )
     assert params * 8 < memory_estimate(factored, model_config, "decoder", "rank")[0] < params * 10
     with pytest.raises(UserError, match=r"needs about .* but 0.0 GiB is free in this test"):
         check_memory(cfg, model_config, "decoder", "rank", available=(1000, "free in this test"))
@@ -176,13 +229,25 @@ def test_methods_with_a_head_train_in_fp32_under_a_bf16_backbone(method):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["model=tiny-bert", "method=prompt_design"], "method.name='prompt_design' is not allowed: a method that trains for the encoder 'tiny-bert'"),
+        (
+            ["model=tiny-bert", "method=prompt_design"],
+            "method.name='prompt_design' is not allowed: a method that trains for the encoder 'tiny-bert'",
+        ),
         (["method=adapters"], "method='adapters' is not allowed: one of: "),
         (["method=lora", "method.lora_r=0"], "method.lora_r=0 is not allowed: a number >= 1"),
-        (["model=tiny-gpt2", "method=lora", "method.target_modules=[nope]"], "method.target_modules=['nope'] is not allowed: module names of tiny-gpt2"),
-        (["model=tiny-gpt2", "method=prefix_tuning", "scorer.name=generate"], "scorer.name='generate' is not allowed: rank or head with method=prefix_tuning"),
+        (
+            ["model=tiny-gpt2", "method=lora", "method.target_modules=[nope]"],
+            "method.target_modules=['nope'] is not allowed: module names of tiny-gpt2",
+        ),
+        (
+            ["model=tiny-gpt2", "method=prefix_tuning", "scorer.name=generate"],
+            "scorer.name='generate' is not allowed: rank or head with method=prefix_tuning",
+        ),
         # a random MPNet (what mpnet-base is) needs no installed weights
-        (["model=tiny-bert", "model.from_config.model_type=mpnet", "method=prefix_tuning"], "a method other than prefix_tuning for 'tiny-bert': MPNetModel's attention takes no past key values"),
+        (
+            ["model=tiny-bert", "model.from_config.model_type=mpnet", "method=prefix_tuning"],
+            "a method other than prefix_tuning for 'tiny-bert': MPNetModel's attention takes no past key values",
+        ),
     ],
 )
 def test_method_mistakes_are_user_errors_before_training(overrides, message):
@@ -195,7 +260,11 @@ def test_method_mistakes_are_user_errors_before_training(overrides, message):
 
 @pytest.mark.parametrize("method", ["lora", "model_tuning"])
 def test_preempted_run_resumes_exactly(train_run, monkeypatch, method):
-    overrides = quick_overrides("tiny-llama", steps=4, **{"method": method, "trainer.log_every": "1", "trainer.eval_every": "2", "trainer.lr": "0.01"})
+    overrides = quick_overrides(
+        "tiny-llama",
+        steps=4,
+        **{"method": method, "trainer.log_every": "1", "trainer.eval_every": "2", "trainer.lr": "0.01"},
+    )
     whole, _ = train_run(overrides, "whole")
     calls = iter(range(1000))
     monkeypatch.setattr(train_module.Preemption, "requested", lambda self, accelerator: next(calls) == 1)
@@ -204,7 +273,12 @@ def test_preempted_run_resumes_exactly(train_run, monkeypatch, method):
     assert records.status(whole.parent / "cut") == "preempted"
     monkeypatch.undo()
     cut, _ = train_run(overrides, "cut")
-    deterministic = lambda path: {k: v for k, v in json.loads((path / "metrics.json").read_text()).items() if k not in records.TIMING_KEYS}  # noqa: E731
+
+    def deterministic(path):
+        return {
+            k: v for k, v in json.loads((path / "metrics.json").read_text()).items() if k not in records.TIMING_KEYS
+        }  # noqa: E731
+
     assert deterministic(cut) == deterministic(whole)
     assert (cut / "train_log.jsonl").read_text().count("\n") == 4
     losses = lambda path: [json.loads(line)["loss"] for line in (path / "train_log.jsonl").read_text().splitlines()]  # noqa: E731
@@ -226,7 +300,15 @@ def test_default_method_keeps_config_keys_and_job_names():
 def test_methods_preset_sweeps_methods_and_models():
     cfg = compose_config(["experiment=methods"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert set(params["method"].split(",")) == {"model_tuning", "prompt_tuning", "prefix_tuning", "p_tuning", "lora", "prompt_design", "prompt_design_k4"}
+    assert set(params["method"].split(",")) == {
+        "model_tuning",
+        "prompt_tuning",
+        "prefix_tuning",
+        "p_tuning",
+        "lora",
+        "prompt_design",
+        "prompt_design_k4",
+    }
     assert set(params["model"].split(",")) == {"minilm-l6", "smollm2-135m", "gemma3-270m"}
     assert cfg.task.name == "sst2"
 
@@ -236,17 +318,38 @@ def test_report_draws_metric_by_model_size_per_method(tmp_path):
     from test_report import make_run
 
     points = {  # (model, params) x method -> accuracy, trainable
-        ("smollm2-135m", 134_515_008): {"model_tuning": (0.9, 134_515_008), "prompt_tuning": (0.8, 11_520), "lora": (0.85, 460_800), "prompt_design": (0.6, 0)},
-        ("gemma3-270m", 268_098_176): {"model_tuning": (0.92, 268_098_176), "prompt_tuning": (0.86, 12_800), "lora": (0.88, 737_280), "prompt_design": (0.7, 0)},
+        ("smollm2-135m", 134_515_008): {
+            "model_tuning": (0.9, 134_515_008),
+            "prompt_tuning": (0.8, 11_520),
+            "lora": (0.85, 460_800),
+            "prompt_design": (0.6, 0),
+        },
+        ("gemma3-270m", 268_098_176): {
+            "model_tuning": (0.92, 268_098_176),
+            "prompt_tuning": (0.86, 12_800),
+            "lora": (0.88, 737_280),
+            "prompt_design": (0.7, 0),
+        },
     }
     for (model, params), methods in points.items():
         for method, (value, trainable) in methods.items():
-            for k in ([0, 4] if method == "prompt_design" else [None]):
-                overrides = [f"model={model}", f"method={method}", "task=reviews"] + ([f"method.num_demonstrations={k}"] if k is not None else [])
+            for k in [0, 4] if method == "prompt_design" else [None]:
+                overrides = [f"model={model}", f"method={method}", "task=reviews"] + (
+                    [f"method.num_demonstrations={k}"] if k is not None else []
+                )
                 metrics = {
-                    "status": "completed", "method": method, "model": model, "model_params": params, "task": "reviews", "main_metric": "accuracy",
-                    "eval": {"accuracy": value + (0.05 if k == 4 else 0)}, "initial_eval": {"accuracy": 0.5}, "best_step": 10, "seed": 0,
-                    "trainable_params": {"total": trainable, "fraction": trainable / params}, "train_seconds": 1.0,
+                    "status": "completed",
+                    "method": method,
+                    "model": model,
+                    "model_params": params,
+                    "task": "reviews",
+                    "main_metric": "accuracy",
+                    "eval": {"accuracy": value + (0.05 if k == 4 else 0)},
+                    "initial_eval": {"accuracy": 0.5},
+                    "best_step": 10,
+                    "seed": 0,
+                    "trainable_params": {"total": trainable, "fraction": trainable / params},
+                    "train_seconds": 1.0,
                 }
                 make_run(tmp_path, f"{model}_{method}_{k}", overrides, metrics)
     written = write_report([tmp_path], tmp_path)

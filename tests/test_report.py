@@ -1,4 +1,5 @@
 """softprompt-report on hand-made run directories: the table, mean +- std over seeds, failures, figures."""
+
 from __future__ import annotations
 
 import statistics
@@ -36,9 +37,17 @@ def make_run(root, name: str, overrides: list[str], metrics: dict | None):
 
 def completed(model: str, params: int, length: int, seed: int, value: float) -> dict:
     return {
-        "status": "completed", "model": model, "model_params": params, "task": "reviews", "main_metric": "accuracy",
-        "eval": {"accuracy": value}, "initial_eval": {"accuracy": 0.5}, "best_step": 100, "seed": seed,
-        "trainable_params": {"prompt": length * 384, "head": 770, "total": length * 384 + 770}, "train_seconds": 12.5,
+        "status": "completed",
+        "model": model,
+        "model_params": params,
+        "task": "reviews",
+        "main_metric": "accuracy",
+        "eval": {"accuracy": value},
+        "initial_eval": {"accuracy": 0.5},
+        "best_step": 100,
+        "seed": seed,
+        "trainable_params": {"prompt": length * 384, "head": 770, "total": length * 384 + 770},
+        "train_seconds": 12.5,
     }
 
 
@@ -46,8 +55,18 @@ def completed(model: str, params: int, length: int, seed: int, value: float) -> 
 def sweep(tmp_path):
     """Two models x two prompt lengths x two seeds, plus one failed and one never-finished run."""
     for (model, params, length, seed), value in ACCURACY.items():
-        make_run(tmp_path, f"{model}_{length}_{seed}", [f"model={model}", f"prompt.length={length}", f"seed={seed}"], completed(model, params, length, seed, value))
-    make_run(tmp_path, "failed", ["model=mpnet-base", "prompt.length=20", "seed=2"], {"status": "failed", "reason": "out of memory"})
+        make_run(
+            tmp_path,
+            f"{model}_{length}_{seed}",
+            [f"model={model}", f"prompt.length={length}", f"seed={seed}"],
+            completed(model, params, length, seed, value),
+        )
+    make_run(
+        tmp_path,
+        "failed",
+        ["model=mpnet-base", "prompt.length=20", "seed=2"],
+        {"status": "failed", "reason": "out of memory"},
+    )
     make_run(tmp_path, "killed", ["model=minilm-l6", "prompt.length=20", "seed=2"], None)
     return tmp_path
 
@@ -56,7 +75,17 @@ def test_table_summary_and_failures(sweep):
     written = write_report([sweep], sweep)
     table = pd.read_csv(written["results"])
     assert len(table) == len(ACCURACY) + 2
-    assert list(table.columns[:9]) == ["run", "model", "parameters", "task", "metric", "method", "prompt_length", "init", "seed"]
+    assert list(table.columns[:9]) == [
+        "run",
+        "model",
+        "parameters",
+        "task",
+        "metric",
+        "method",
+        "prompt_length",
+        "init",
+        "seed",
+    ]
     assert dict(zip(table["run"], table["status"]))["failed"] == "failed"
     assert dict(zip(table["run"], table["status"]))["killed"] == "incomplete"
     # a run that never loaded its model still gets the model's size from the runs that did
@@ -78,7 +107,17 @@ def test_figures_draw_the_means_against_model_size(sweep):
     assert (sweep / "by_prompt_length.png").stat().st_size > 10_000
     svg = (sweep / "by_prompt_length.svg").read_text()
     # one line per prompt length over the two model sizes, each point labelled with its mean
-    for text in ("prompt length 1", "prompt length 20", "0.720", "0.820", "0.830", "0.920", "109.5M", "22.7M", "model parameters"):
+    for text in (
+        "prompt length 1",
+        "prompt length 20",
+        "0.720",
+        "0.820",
+        "0.830",
+        "0.920",
+        "109.5M",
+        "22.7M",
+        "model parameters",
+    ):
         assert text in svg, text
     assert not (sweep / "by_init.png").exists(), "a figure per initialisation only when the sweep varies it"
     assert "![by_prompt_length](by_prompt_length.png)" in written["markdown"].read_text()

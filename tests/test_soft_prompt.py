@@ -1,10 +1,11 @@
 """Each initialisation produces exactly what it promises, and the prompt is counted as length x width."""
+
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
-import pytest
 from conftest import quick_overrides
 from softprompt.backbone import load_backbone
 from softprompt.cli import compose_config
@@ -66,7 +67,7 @@ def test_class_labels_are_label_embeddings_then_vocab(pipeline):
     for position, ids in enumerate(pipeline.label_token_ids):
         expected = vocab_rows(pipeline, ids).mean(0)
         assert torch.allclose(weights[position], expected)
-    rest = weights[len(pipeline.label_token_ids):]
+    rest = weights[len(pipeline.label_token_ids) :]
     assert (rows_of(rest, vocab_rows(pipeline, frequency_ranked_ids(pipeline.tokenizer, 100))) >= 0).all()
 
 
@@ -103,7 +104,6 @@ def test_attached_prompt_holds_the_initial_vectors(pipeline):
     assert peft_model.prompt_encoder["default"].embedding.weight.dtype == torch.float32
 
 
-
 def test_prompt_and_head_learn_in_fp32_under_a_bf16_backbone():
     """With model.dtype=bfloat16 the backbone stays bf16 while prompt and head train in fp32, so a step of 1e-5,
     below bf16's resolution at the head's weights, still moves them."""
@@ -123,11 +123,20 @@ def test_prompt_and_head_learn_in_fp32_under_a_bf16_backbone():
     # (a few prompt entries get exactly zero gradient through the bf16 backbone)
     assert all((p.detach() != b).float().mean() > 0.5 for p, b in zip(trainable, before))
 
+
 def test_t5_xxl_width_prompt_of_100_counts_409600():
     """The paper's T5-XXL figure: one copy of the prompt, on the encoder only (PEFT's default doubles it)."""
     cfg = ModelConfig(
         name="t5-xxl-width",
-        from_config={"model_type": "t5", "d_model": 4096, "d_kv": 4, "d_ff": 8, "num_layers": 1, "num_heads": 1, "vocab_size": 64},
+        from_config={
+            "model_type": "t5",
+            "d_model": 4096,
+            "d_kv": 4,
+            "d_ff": 8,
+            "num_layers": 1,
+            "num_heads": 1,
+            "vocab_size": 64,
+        },
         tokenizer="minilm-l6",
     )
     backbone = load_backbone(cfg)

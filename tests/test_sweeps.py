@@ -1,4 +1,5 @@
 """Sweeps: every preset composes, reruns skip finished jobs, killed sweeps resume, failures are reported."""
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,9 @@ def job_dirs(sweep_dir: Path) -> dict[str, str | None]:
 
 def test_config_key_ignores_output_paths_and_display_only():
     base = compose_config(["model=tiny-bert"])
-    assert config_key(base) == config_key(compose_config(["model=tiny-bert", "output_root=/elsewhere", "trainer.progress_bar=false"]))
+    assert config_key(base) == config_key(
+        compose_config(["model=tiny-bert", "output_root=/elsewhere", "trainer.progress_bar=false"])
+    )
     assert config_key(base) != config_key(compose_config(["model=tiny-bert", "prompt.length=5"]))
     assert config_key(base) != config_key(compose_config(["model=tiny-bert", "seed=1"]))
     assert job_name(base) == f"tiny-bert_reviews_len20_class_labels_seed0_{config_key(base)}"
@@ -68,7 +71,12 @@ def test_every_experiment_value_composes_and_validates(experiment):
 
 def test_lester_preset_is_the_paper_setup():
     cfg = compose_config(["experiment=lester"], return_hydra_config=True)
-    assert (cfg.trainer.optimizer, cfg.trainer.lr, cfg.trainer.batch_size, cfg.trainer.max_steps) == ("adafactor", 0.3, 32, 30000)
+    assert (cfg.trainer.optimizer, cfg.trainer.lr, cfg.trainer.batch_size, cfg.trainer.max_steps) == (
+        "adafactor",
+        0.3,
+        32,
+        30000,
+    )
     assert (cfg.prompt.length, cfg.prompt.init) == (100, "class_labels")
     models = cfg.hydra.sweeper.params.model.split(",")
     assert models == [f"t5-{size}-lm-adapt" for size in ("small", "base", "large", "xl", "xxl")]
@@ -95,7 +103,11 @@ def test_rerun_skips_finished_jobs_and_a_failing_job_is_reported(tmp_path):
     assert "**failed**: prompt.length=0 is not allowed" in report
     assert (sweep_dir / "by_prompt_length.png").is_file() and (sweep_dir / "by_prompt_length.svg").is_file()
 
-    finished = {name: (sweep_dir / name / "metrics.json").read_bytes() for name, status in statuses.items() if status == "completed"}
+    finished = {
+        name: (sweep_dir / name / "metrics.json").read_bytes()
+        for name, status in statuses.items()
+        if status == "completed"
+    }
     started = time.perf_counter()
     second = run_cli(*args, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -109,7 +121,12 @@ def test_killed_sweep_trains_only_the_missing_jobs(tmp_path):
     sweep_dir = tmp_path / "sweep"
     args = sweep_args(sweep_dir, "2,3,4", steps=40)
     process = subprocess.Popen(
-        [sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=os.environ.copy()
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=os.environ.copy(),
     )
     try:
         deadline = time.monotonic() + 300

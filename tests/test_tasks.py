@@ -1,5 +1,6 @@
 """The task suite: official SuperGLUE/GLUE files load with their exact counts and train; custom files
 work from the command line; bad data fails in one line; the generate scorer really uses the prompt."""
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,7 @@ OFFICIAL = {
         ("superglue", "WiC"),
         {"train": 5428, "validation": 638},
         "Sentence 1: An emerging professional class.\nSentence 2: Apologizing for losing your temper, even though you "
-        "were badly provoked, showed real class.\nQuestion: Is the word \"class\" used in the same sense in both "
+        'were badly provoked, showed real class.\nQuestion: Is the word "class" used in the same sense in both '
         "sentences?\nAnswer:",
         ["No", "Yes"],
         0,
@@ -57,7 +58,7 @@ OFFICIAL = {
         {"train": 554, "validation": 104},
         "Bernard , who had not told the government official that he was less than 21 when he filed for a homestead "
         "claim, did not consider that he had done anything dishonest. Still, anyone who knew that he was 19 years old "
-        "could take his claim away from him .\nQuestion: In the passage above, does \"him\" refer to \"anyone\"?\nAnswer:",
+        'could take his claim away from him .\nQuestion: In the passage above, does "him" refer to "anyone"?\nAnswer:',
         ["No", "Yes"],
         0,
     ),
@@ -79,7 +80,7 @@ OFFICIAL = {
         ("mrpc",),
         {"train": 3668, "validation": 408},
         "Sentence 1: He said the foodservice pie business doesn 't fit the company 's long-term growth strategy .\n"
-        "Sentence 2: \" The foodservice pie business does not fit our long-term growth strategy .\n"
+        'Sentence 2: " The foodservice pie business does not fit our long-term growth strategy .\n'
         "Question: Do both sentences mean the same thing?\nAnswer:",
         ["No", "Yes"],
         1,
@@ -104,7 +105,13 @@ def task_overrides(name: str, **extra: str) -> list[str]:
     model, scorer = TRAIN_WITH[name]
     overrides = quick_overrides(model, steps=5, **{"scorer.name": scorer, "task.max_length": "96"})
     overrides = [item for item in overrides if not item.startswith("task.builtin_size")]
-    return [f"task={name}", *overrides, "task.max_train_rows=40", "task.max_eval_rows=24", *(f"{k}={v}" for k, v in extra.items())]
+    return [
+        f"task={name}",
+        *overrides,
+        "task.max_train_rows=40",
+        "task.max_eval_rows=24",
+        *(f"{k}={v}" for k, v in extra.items()),
+    ]
 
 
 def check_training(train_run, name: str, overrides: list[str]) -> dict:
@@ -127,7 +134,9 @@ def test_official_task_loads_exact_counts_renders_and_trains(train_run, name):
     if name == "multirc":
         # the nested passage is flattened to one row per answer, grouped by the question's idx
         assert first.text.startswith("What causes a change in motion? The application of a force.")
-        assert first.text.endswith("\nQuestion: Would the mass of a baseball affect how much force you have to use to pick it up?\nIs \"No\" a correct answer?\nAnswer:")
+        assert first.text.endswith(
+            '\nQuestion: Would the mass of a baseball affect how much force you have to use to pick it up?\nIs "No" a correct answer?\nAnswer:'
+        )
         assert [example.group for example in task.examples["validation"][:5]] == [0, 0, 0, 0, 1]
     else:
         assert first.text == text
@@ -156,7 +165,9 @@ def test_boolq_validation_counts_missing_train_is_clear_and_val_can_be_carved(tr
     assert first.candidates == ["No", "Yes"] and first.label == 0
 
     # the workaround the config documents: train and dev both carved from val, with a recorded seed
-    provenance = check_training(train_run, "boolq", task_overrides("boolq", **{"task.splits.train": "val", "task.dev_from_train": "0.2"}))
+    provenance = check_training(
+        train_run, "boolq", task_overrides("boolq", **{"task.splits.train": "val", "task.dev_from_train": "0.2"})
+    )
     assert "(dev: 654 rows carved with seed 0)" in provenance["splits"]["validation"]
 
 
@@ -185,7 +196,12 @@ def write_custom(tmp_path, kind: str) -> tuple[str, str, list[str]]:
         if kind == "csv":
             path.write_text("sentence,label\n" + "".join(f"{text},{label}\n" for text, label in rows * repeat))
         else:
-            path.write_text("".join(json.dumps({"sentence": text, "label": ["neg", "pos"][label]}) + "\n" for text, label in rows * repeat))
+            path.write_text(
+                "".join(
+                    json.dumps({"sentence": text, "label": ["neg", "pos"][label]}) + "\n"
+                    for text, label in rows * repeat
+                )
+            )
         paths.append(str(path))
     labels = ["task.labels=[0,1]", "task.verbalizer=[bad,good]"] if kind == "csv" else ["task.labels=[neg,pos]"]
     return paths[0], paths[1], labels
@@ -197,7 +213,12 @@ CUSTOM_TEMPLATE = "task.template='Review: {sentence} Sentiment:'"
 @pytest.mark.parametrize("kind,model", [("csv", "tiny-bert"), ("jsonl", "tiny-gpt2")])
 def test_custom_task_from_the_command_line(tmp_path, kind, model):
     train, dev, labels = write_custom(tmp_path, kind)
-    args = ["task=custom", f"task.data_files.train={train}", f"task.data_files.validation={dev}", "task.text_fields=[sentence]"]
+    args = [
+        "task=custom",
+        f"task.data_files.train={train}",
+        f"task.data_files.validation={dev}",
+        "task.text_fields=[sentence]",
+    ]
     args += ["task.label_field=label", CUSTOM_TEMPLATE, *labels]
     args += [item for item in quick_overrides(model, steps=5) if not item.startswith("task.builtin_size")]
     run_path = tmp_path / "run"
@@ -217,9 +238,18 @@ def test_custom_task_from_the_command_line(tmp_path, kind, model):
 BAD_DATA = {
     "missing file": (None, "{dir}/nope.csv: file not found"),
     "empty file": ("", "{path}: the file holds no rows"),
-    "invalid json": ('{"sentence": "fine", "label": 1}\n{"sentence": "oops" "label": 0}\n', "{path}, row 2: not valid JSON (Expecting ',' delimiter)"),
-    "missing column": ("text,label\nfine,1\n", "{path}, row 1, column 'sentence': the template needs field 'sentence'; the row has: text, label"),
-    "unknown label": ("sentence,label\nfine,1\nodd,7\n", "{path}, row 2, column 'label': label 7 is not one of task.labels: 0, 1"),
+    "invalid json": (
+        '{"sentence": "fine", "label": 1}\n{"sentence": "oops" "label": 0}\n',
+        "{path}, row 2: not valid JSON (Expecting ',' delimiter)",
+    ),
+    "missing column": (
+        "text,label\nfine,1\n",
+        "{path}, row 1, column 'sentence': the template needs field 'sentence'; the row has: text, label",
+    ),
+    "unknown label": (
+        "sentence,label\nfine,1\nodd,7\n",
+        "{path}, row 2, column 'label': label 7 is not one of task.labels: 0, 1",
+    ),
 }
 
 
@@ -231,8 +261,21 @@ def test_bad_data_is_one_line_and_exit_2(tmp_path, case):
     if content is not None:
         path.write_text(content)
     run_path = tmp_path / "run"
-    args = ["task=custom", f"task.data_files.train={path}", f"task.data_files.validation={path}", "task.text_fields=[sentence]"]
-    result = run_cli("softprompt.train", *args, CUSTOM_TEMPLATE, "task.labels=[0,1]", "model=tiny-bert", f"hydra.run.dir={run_path}", timeout=300)
+    args = [
+        "task=custom",
+        f"task.data_files.train={path}",
+        f"task.data_files.validation={path}",
+        "task.text_fields=[sentence]",
+    ]
+    result = run_cli(
+        "softprompt.train",
+        *args,
+        CUSTOM_TEMPLATE,
+        "task.labels=[0,1]",
+        "model=tiny-bert",
+        f"hydra.run.dir={run_path}",
+        timeout=300,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: " + message.format(dir=tmp_path, path=path)]
     assert not run_path.exists()
@@ -281,6 +324,8 @@ def test_generation_uses_the_prompt_with_the_kv_cache(model):
     assert torch.equal(answers(first, True, alone)[0], with_cache[last][: answers(first, True, alone).shape[1]])
     # and for an unpadded row it is PEFT's own generation with the prompt
     with torch.no_grad():
-        theirs = peft_model.generate(input_ids=alone[keys[0]], attention_mask=alone[keys[1]], max_new_tokens=6, do_sample=False)
+        theirs = peft_model.generate(
+            input_ids=alone[keys[0]], attention_mask=alone[keys[1]], max_new_tokens=6, do_sample=False
+        )
     new = theirs[0, alone[keys[0]].shape[1] :] if pipeline.backbone.kind == "decoder" else theirs[0, 1:]
     assert torch.equal(new, answers(first, True, alone)[0][: new.shape[0]])

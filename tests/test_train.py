@@ -1,4 +1,5 @@
 """Training end to end on tiny models: run directory contract, PEFT reload, determinism."""
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,15 @@ def test_trains_saves_and_reloads_through_peft(train_run, model):
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed"
-    for key in ("eval", "initial_eval", "eval_examples", "best_step", "trainable_params", "train_seconds", "train_samples_per_second"):
+    for key in (
+        "eval",
+        "initial_eval",
+        "eval_examples",
+        "best_step",
+        "trainable_params",
+        "train_seconds",
+        "train_samples_per_second",
+    ):
         assert key in metrics
     assert metrics["eval_examples"] == 24
     assert metrics["trainable_params"]["prompt"] == 4 * 32
@@ -63,7 +72,12 @@ def test_trains_saves_and_reloads_through_peft(train_run, model):
     pipeline = build_pipeline(cfg)
     with torch.no_grad():
         reloaded = PeftModel.from_pretrained(pipeline.backbone.model, run_dir / "prompt").eval()
-        ours = predict(PromptedModel(reloaded, pipeline.backbone.kind, pipeline.scorer).eval(), make_loader(pipeline, "validation", False), Accelerator(), progress=False)
+        ours = predict(
+            PromptedModel(reloaded, pipeline.backbone.kind, pipeline.scorer).eval(),
+            make_loader(pipeline, "validation", False),
+            Accelerator(),
+            progress=False,
+        )
         theirs = torch.tensor(peft_scores(reloaded, pipeline))
     # batched-and-padded versus one row at a time: equal up to float rounding ...
     assert torch.allclose(torch.tensor(ours.scores), theirs, atol=1e-5)
@@ -98,7 +112,9 @@ def test_zero_steps_only_evaluates(train_run):
 
 
 def test_learning_moves_the_prompt_only(train_run):
-    run_dir, result = train_run(quick_overrides("tiny-gpt2", steps=3, **{"trainer.lr": "0.5", "prompt.init": "random_uniform"}))
+    run_dir, result = train_run(
+        quick_overrides("tiny-gpt2", steps=3, **{"trainer.lr": "0.5", "prompt.init": "random_uniform"})
+    )
     from safetensors.torch import load_file
 
     saved = load_file(str(run_dir / "prompt" / "adapter_model.safetensors"))

@@ -1,4 +1,5 @@
 """Fast tests of the offline zoo's lookup and CLI; the real downloads and conversions stay out of the suite."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -87,8 +88,12 @@ def test_list_entries_reports_installed_cache(empty_zoo_dir):
     assert rows["mpnet-base"]["installed"] is True
     assert rows["mpnet-base"]["path"] == str(folder)
     assert rows["smollm2-135m"] == {
-        "name": "smollm2-135m", "kind": "decoder", "width": 576, "params": 134_515_008,
-        "installed": False, "path": None,
+        "name": "smollm2-135m",
+        "kind": "decoder",
+        "width": 576,
+        "params": 134_515_008,
+        "installed": False,
+        "path": None,
     }
 
 

@@ -1,4 +1,5 @@
 """Backbone: tokenizer plus frozen pretrained model, from the offline zoo, a local folder, the hub, or a config."""
+
 from __future__ import annotations
 
 import contextlib
@@ -55,7 +56,9 @@ def resolve_source(name_or_path: str, key: str = "model.name_or_path") -> str:
     if path.is_dir():
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or path.exists():
-        raise ConfigError(key, name_or_path, f"an existing model folder, a zoo name ({', '.join(sorted(zoo.ZOO))}) or a hub id")
+        raise ConfigError(
+            key, name_or_path, f"an existing model folder, a zoo name ({', '.join(sorted(zoo.ZOO))}) or a hub id"
+        )
     return name_or_path
 
 
@@ -89,7 +92,9 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     name = cfg.tokenizer or cfg.name_or_path
     source = resolve_source(name, key)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
     except OSError as error:
         raise _hub_failure(key, name, error) from None
     if tokenizer.pad_token is None:
@@ -117,7 +122,9 @@ def load_model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> P
         try:
             return AutoConfig.for_model(model_type, **options)
         except ValueError:
-            raise ConfigError("model.from_config.model_type", model_type, "a transformers model type such as bert, gpt2, llama, t5") from None
+            raise ConfigError(
+                "model.from_config.model_type", model_type, "a transformers model type such as bert, gpt2, llama, t5"
+            ) from None
     source = resolve_source(cfg.name_or_path)
     try:
         return AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -149,7 +156,9 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 def prefers_math_attention(model: torch.nn.Module, positions: int) -> bool:
     """Whether a training pass over sequences of `positions` should run SDPA's math kernel rather than flash."""
     weight = model.get_input_embeddings().weight
-    half = weight.dtype in HALF_DTYPES or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in HALF_DTYPES)
+    half = weight.dtype in HALF_DTYPES or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in HALF_DTYPES
+    )
     return weight.device.type == "cpu" and half and positions <= MATH_ATTENTION_MAX_POSITIONS
 
 
@@ -160,7 +169,9 @@ def attention_kernel(math: bool) -> contextlib.AbstractContextManager:
 GROUPED_SDPA = "grouped_sdpa"
 
 
-def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+def grouped_sdpa_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
     """transformers' SDPA attention, except that grouped key/value heads (GQA) with a mask go to SDPA as they are.
 
     transformers repeats each key/value head once per query head (`repeat_kv`) whenever a mask is given, as CUDA's

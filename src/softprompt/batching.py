@@ -6,6 +6,7 @@ candidate's pair is built, since the loss needs nothing else. A decoder's traini
 sequence (input then answer); at evaluation each row's input appears once and all of its
 candidates are scored on top of it (the input's keys and values computed once, not per candidate).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -90,7 +91,9 @@ def encode(
 
 def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     width = max(len(row) for row in rows)
-    return torch.tensor([[value] * (width - len(row)) + row if left else row + [value] * (width - len(row)) for row in rows])
+    return torch.tensor(
+        [[value] * (width - len(row)) + row if left else row + [value] * (width - len(row)) for row in rows]
+    )
 
 
 def _mask(rows: list[list[int]], left: bool = False) -> torch.Tensor:

@@ -14,6 +14,7 @@ loading a pickle can run arbitrary code.
 The random states saved are the main process's; every process starts from the same seed and
 draws the same amounts, so they are the same on every process.
 """
+
 from __future__ import annotations
 
 import random
@@ -110,7 +111,9 @@ def find(run_path: Path, cfg: TrainConfig) -> Snapshot | None:
         if state["format"] != FORMAT:
             raise ValueError(f"format {state['format']}, this version reads format {FORMAT}")
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{folder} is not a readable softprompt checkpoint ({error}); set trainer.resume=never to start over") from None
+        raise UserError(
+            f"{folder} is not a readable softprompt checkpoint ({error}); set trainer.resume=never to start over"
+        ) from None
     ours, theirs = comparable_config(cfg), state["config"]
     changed = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
     if changed:
@@ -211,7 +214,9 @@ def restore(
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
     saved = {key.removeprefix("model."): value for key, value in tensors.items() if key.startswith("model.")}
     if saved.keys() != parameters.keys():
-        raise UserError(f"{snapshot.folder} was written for other trainable parameters ({', '.join(sorted(saved))}); set trainer.resume=never to start over")
+        raise UserError(
+            f"{snapshot.folder} was written for other trainable parameters ({', '.join(sorted(saved))}); set trainer.resume=never to start over"
+        )
     with torch.no_grad():
         for name, parameter in parameters.items():
             parameter.copy_(saved[name])

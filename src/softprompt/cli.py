@@ -3,6 +3,7 @@
 Hydra reports a bad override over several lines with exit status 1; users of every softprompt
 command get one line naming the key, the value and what is allowed, and exit status 2.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,8 +23,17 @@ from softprompt.errors import UserError
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 # Hydra's own flags, which take the next argument as their value
 _FLAGS_WITH_VALUE = {
-    "--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--experimental-rerun",
-    "--cfg", "-c", "--package", "-p",
+    "--config-dir",
+    "-cd",
+    "--config-name",
+    "-cn",
+    "--config-path",
+    "-cp",
+    "--experimental-rerun",
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
 }
 # --info takes an optional value from this list
 _INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
@@ -52,7 +62,11 @@ def _unknown_key(key: str) -> str | None:
     """Name the keys that do exist beside an unknown one."""
     parent_path, _, _ = key.rpartition(".")
     try:
-        parent = OmegaConf.select(OmegaConf.structured(TrainConfig), parent_path) if parent_path else OmegaConf.structured(TrainConfig)
+        parent = (
+            OmegaConf.select(OmegaConf.structured(TrainConfig), parent_path)
+            if parent_path
+            else OmegaConf.structured(TrainConfig)
+        )
     except (OmegaConfBaseException, AttributeError):
         # a key under a group the schema leaves open (task.builtin_size.x): OmegaConf's own message says it
         return None
@@ -87,7 +101,9 @@ def compose_config(overrides: list[str], config_name: str = "train", return_hydr
     except (ValueError, AttributeError) as error:
         # Hydra checks a group choice's type with a bare ValueError (model=0), and OmegaConf fails merging
         # a mapping into a null one (model.from_config={a: 1}) with an AttributeError
-        raise UserError(f"the overrides could not be applied ({type(error).__name__}: {str(error).splitlines()[0]}): {' '.join(overrides)}") from None
+        raise UserError(
+            f"the overrides could not be applied ({type(error).__name__}: {str(error).splitlines()[0]}): {' '.join(overrides)}"
+        ) from None
     finally:
         GlobalHydra.instance().clear()
 

@@ -3,6 +3,7 @@
 The YAML files in `conf/` fill these dataclasses; Hydra rejects unknown keys and wrong types
 on its own, and `validate` adds the rules types cannot express (ranges, allowed names).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -258,10 +259,14 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
 
     if model.name_or_path is None and model.from_config is None:
         raise ConfigError("model.name_or_path", None, "a zoo name, hub id or local folder (or set model.from_config)")
-    if model.from_config is not None and (not isinstance(model.from_config, dict) or "model_type" not in model.from_config):
+    if model.from_config is not None and (
+        not isinstance(model.from_config, dict) or "model_type" not in model.from_config
+    ):
         raise ConfigError("model.from_config", model.from_config, "a mapping with a model_type key")
     if model.from_config is not None and not model.tokenizer:
-        raise ConfigError("model.tokenizer", model.tokenizer, "a zoo name, hub id or folder for a random model's tokenizer")
+        raise ConfigError(
+            "model.tokenizer", model.tokenizer, "a zoo name, hub id or folder for a random model's tokenizer"
+        )
     if model.kind is not None:
         _one_of("model.kind", model.kind, KINDS)
     _one_of("model.dtype", model.dtype, DTYPES)
@@ -289,7 +294,11 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if not 0 <= method.lora_dropout < 1:
         raise ConfigError("method.lora_dropout", method.lora_dropout, "a probability in [0, 1)")
     if method.target_modules is not None and not method.target_modules:
-        raise ConfigError("method.target_modules", [], "module names to adapt (q_proj, query, c_attn, ...), or null for PEFT's default")
+        raise ConfigError(
+            "method.target_modules",
+            [],
+            "module names to adapt (q_proj, query, c_attn, ...), or null for PEFT's default",
+        )
     _at_least("method.num_demonstrations", method.num_demonstrations, 0)
     _at_least("method.show_rows", method.show_rows, 0)
 
@@ -322,7 +331,9 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     _one_of("trainer.resume", trainer.resume, RESUME_MODES)
     if trainer.gradient_checkpointing and method.name == "prefix_tuning":
         raise ConfigError(
-            "trainer.gradient_checkpointing", True, "false with method=prefix_tuning (a checkpointed layer drops the prefix's key/value cache)"
+            "trainer.gradient_checkpointing",
+            True,
+            "false with method=prefix_tuning (a checkpointed layer drops the prefix's key/value cache)",
         )
 
     _at_least("task.max_length", task.max_length, 1)

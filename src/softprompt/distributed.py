@@ -8,6 +8,7 @@ with several tasks per job (one per GPU, conf/hydra/launcher/slurm.yaml) it firs
 variables PyTorch's `env://` rendezvous reads, through submitit's own helper. Ranks other than 0
 then write no Hydra files, no log file, and nothing on stdout.
 """
+
 from __future__ import annotations
 
 import json

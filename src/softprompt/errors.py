@@ -1,9 +1,11 @@
 """User-facing errors: a mistake the user can fix gets one line and exit status 2, never a traceback."""
+
 from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 EXIT_USER_ERROR = 2
 

@@ -4,6 +4,7 @@ For each prompt position, the k tokens whose input embeddings have the highest c
 similarity to it; and how many positions have a verbalizer token among those neighbours,
 the paper's sign that prompts learn to point at the class labels.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,9 @@ from softprompt.prompt_bank import load_entry
 from softprompt.soft_prompt import frequency_ranked_ids
 
 
-def nearest_tokens(prompt: torch.Tensor, embeddings: torch.Tensor, k: int, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_tokens(
+    prompt: torch.Tensor, embeddings: torch.Tensor, k: int, allowed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions, k) token ids and cosine similarities, searching only the `allowed` ids."""
     vocab = torch.nn.functional.normalize(embeddings[allowed].float(), dim=-1)
     similarity = torch.nn.functional.normalize(prompt.float(), dim=-1) @ vocab.T
@@ -32,7 +35,9 @@ def inspect_run(run_dir: Path, k: int) -> tuple[pd.DataFrame, int]:
     entry = load_entry(run_dir.name, run_dir)
     backbone = load_backbone(entry.cfg.model, entry.task.num_classes if entry.head_state else None)
     if entry.prompt.shape[1] != backbone.width:
-        raise UserError(f"{run_dir}: prompt width {entry.prompt.shape[1]} does not match the model width {backbone.width}")
+        raise UserError(
+            f"{run_dir}: prompt width {entry.prompt.shape[1]} does not match the model width {backbone.width}"
+        )
     tokenizer = backbone.tokenizer
     # every ordinary token (specials, placeholders and byte fallbacks never explain a prompt)
     allowed = frequency_ranked_ids(tokenizer, len(tokenizer))
@@ -41,7 +46,8 @@ def inspect_run(run_dir: Path, k: int) -> tuple[pd.DataFrame, int]:
     label_ids = {
         token
         for word in entry.task.verbalizer
-        for token in candidate_tokens(tokenizer, backbone.kind, word) + tokenizer(word, add_special_tokens=False)["input_ids"]
+        for token in candidate_tokens(tokenizer, backbone.kind, word)
+        + tokenizer(word, add_special_tokens=False)["input_ids"]
     } - set(tokenizer.all_special_ids)
     rows = []
     for position in range(ids.shape[0]):
@@ -76,7 +82,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--output {str(output)!r} cannot be written ({error.strerror})") from None
     os.replace(temporary, output)
     print(table.to_string(index=False))
-    print(f"{with_label} of {len(table)} positions have a verbalizer token among their {args.k} nearest neighbours -> {output}")
+    print(
+        f"{with_label} of {len(table)} positions have a verbalizer token among their {args.k} nearest neighbours -> {output}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ soft prompt: prefix tuning and p-tuning on encoder-decoders use one copy
 (`num_transformer_submodules=1`). Prefix tuning on T5 then puts its prefix on the decoder's
 self-attention (the layers PEFT's seq2seq prefix reaches too); the encoder gets none.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -53,20 +54,26 @@ def check_method(cfg: TrainConfig, model_config: PretrainedConfig, kind: str, sc
     method = cfg.method.name
     if method == "prompt_design" and scorer == "head":
         raise ConfigError(
-            "method.name", method,
+            "method.name",
+            method,
             f"a method that trains for the encoder {cfg.model.name!r}: prompt design scores answers with a language "
             "model (rank or generate), and an encoder's classification head would be untrained",
         )
     if method == "prefix_tuning":
         if scorer == "generate":
-            raise ConfigError("scorer.name", scorer, "rank or head with method=prefix_tuning (generation from a prefix cache is not supported)")
+            raise ConfigError(
+                "scorer.name",
+                scorer,
+                "rank or head with method=prefix_tuning (generation from a prefix cache is not supported)",
+            )
         try:
             mapped = AutoModel._model_mapping[type(model_config)]
         except (KeyError, AttributeError):
             mapped = None
         if mapped is not None and not _takes_past_key_values(mapped):
             raise ConfigError(
-                "method.name", method,
+                "method.name",
+                method,
                 f"a method other than prefix_tuning for {cfg.model.name!r}: {mapped.__name__}'s attention takes no past key values",
             )
     if method == "model_tuning" and not cfg.method.ignore_memory_check:
@@ -92,7 +99,10 @@ def optimizer_state_bytes(shapes: list[torch.Size], optimizer: str, weight_bytes
     column second moments of every matrix and a full one of every vector, in fp32."""
     if optimizer == "adamw":
         return sum(2 * weight_bytes * shape.numel() for shape in shapes)
-    return sum(4 * ((shape[:-1].numel() + shape[:-2].numel() * shape[-1]) if len(shape) >= 2 else shape.numel()) for shape in shapes)
+    return sum(
+        4 * ((shape[:-1].numel() + shape[:-2].numel() * shape[-1]) if len(shape) >= 2 else shape.numel())
+        for shape in shapes
+    )
 
 
 def available_memory() -> tuple[int, str]:
@@ -108,7 +118,9 @@ def available_memory() -> tuple[int, str]:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     # several processes on one machine without GPUs each hold a copy
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return free // processes, "of CPU memory available" + (f" per process ({processes} processes)" if processes > 1 else "")
+    return free // processes, "of CPU memory available" + (
+        f" per process ({processes} processes)" if processes > 1 else ""
+    )
 
 
 def memory_estimate(cfg: TrainConfig, model_config: PretrainedConfig, kind: str, scorer: str) -> tuple[int, int, str]:
@@ -122,7 +134,9 @@ def memory_estimate(cfg: TrainConfig, model_config: PretrainedConfig, kind: str,
     return total, count, how
 
 
-def check_memory(cfg: TrainConfig, model_config: PretrainedConfig, kind: str, scorer: str, available: tuple[int, str] | None = None) -> None:
+def check_memory(
+    cfg: TrainConfig, model_config: PretrainedConfig, kind: str, scorer: str, available: tuple[int, str] | None = None
+) -> None:
     needed, _, how = memory_estimate(cfg, model_config, kind, scorer)
     free, where = available or available_memory()
     if needed > free:
@@ -138,11 +152,17 @@ def lora_targets(cfg: TrainConfig, model_type: str) -> list[str]:
         return list(cfg.method.target_modules)
     targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type) or LORA_TARGETS.get(model_type)
     if not targets:
-        raise ConfigError("method.target_modules", None, f"the names of the {model_type} modules to adapt (PEFT has no default for it)")
+        raise ConfigError(
+            "method.target_modules",
+            None,
+            f"the names of the {model_type} modules to adapt (PEFT has no default for it)",
+        )
     return list(targets)
 
 
-def build_model(backbone: Backbone, cfg: TrainConfig, label_token_ids: list[list[int]], head: bool, seed: int) -> nn.Module:
+def build_model(
+    backbone: Backbone, cfg: TrainConfig, label_token_ids: list[list[int]], head: bool, seed: int
+) -> nn.Module:
     """The model to train: the backbone behind the method's PEFT adapter, or the backbone itself."""
     method = cfg.method
     if method.name == "prompt_tuning":
@@ -185,7 +205,11 @@ def build_model(backbone: Backbone, cfg: TrainConfig, label_token_ids: list[list
             model = get_peft_model(backbone.model, peft_config)
         except ValueError as error:
             if method.name == "lora":
-                raise ConfigError("method.target_modules", method.target_modules, f"module names of {backbone.name} ({str(error).splitlines()[0]})") from None
+                raise ConfigError(
+                    "method.target_modules",
+                    method.target_modules,
+                    f"module names of {backbone.name} ({str(error).splitlines()[0]})",
+                ) from None
             raise
     train_in_fp32(model, backbone, head)
     return model
@@ -219,8 +243,14 @@ def parameter_counts(model: nn.Module, method: str, backbone_params: int) -> dic
             part = "backbone"
         parts[part] += parameter.numel()
     if parts["backbone"] and method != "model_tuning":
-        wrong = [n for n, p in model.named_parameters() if p.requires_grad and "prompt_encoder" not in n and "lora_" not in n and "modules_to_save" not in n]
-        raise UserError(f"backbone parameters are trainable but must be frozen under method={method}: {', '.join(wrong[:3])}")
+        wrong = [
+            n
+            for n, p in model.named_parameters()
+            if p.requires_grad and "prompt_encoder" not in n and "lora_" not in n and "modules_to_save" not in n
+        ]
+        raise UserError(
+            f"backbone parameters are trainable but must be frozen under method={method}: {', '.join(wrong[:3])}"
+        )
     total = sum(parts.values())
     return {**parts, "total": total, "fraction": round(total / backbone_params, 10) if backbone_params else None}
 
@@ -235,7 +265,11 @@ def design_context(task: Task, cfg: TrainConfig) -> str:
     if method.num_demonstrations:
         train = task.examples.get("train", [])
         if len(train) < method.num_demonstrations:
-            raise ConfigError("method.num_demonstrations", method.num_demonstrations, f"at most {len(train)}, the train rows of {task.name}")
+            raise ConfigError(
+                "method.num_demonstrations",
+                method.num_demonstrations,
+                f"at most {len(train)}, the train rows of {task.name}",
+            )
         picks = random.Random(method.demonstration_seed).sample(range(len(train)), method.num_demonstrations)
         for index in picks:
             example = train[index]

@@ -3,6 +3,7 @@
 Every check a user can fail (task files, labels, model name, scorer, lengths, precision) runs
 before the weights load, so a mistake costs seconds, not a model load.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -72,7 +73,9 @@ def check_lengths(cfg: TrainConfig, limit: int | None, answer_tokens: int, conte
 def check_precision(cfg: TrainConfig, model_type: str) -> None:
     precision = cfg.trainer.mixed_precision
     if precision == "fp16" and model_type in ("t5", "mt5", "umt5"):
-        raise ConfigError("trainer.mixed_precision", precision, "no or bf16 for T5 models (T5 activations overflow fp16's range)")
+        raise ConfigError(
+            "trainer.mixed_precision", precision, "no or bf16 for T5 models (T5 activations overflow fp16's range)"
+        )
     if precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("trainer.mixed_precision", precision, "no or bf16 on a machine without a CUDA GPU")
 
@@ -108,7 +111,9 @@ def make_loader(pipeline: Pipeline, split: str, training: bool, seed: int = 0) -
     padding; `predict` puts the results back in split order.
     """
     cfg = pipeline.cfg
-    rows = encode(pipeline.task.examples[split], pipeline.tokenizer, pipeline.backbone.kind, pipeline.scorer, pipeline.max_length)
+    rows = encode(
+        pipeline.task.examples[split], pipeline.tokenizer, pipeline.backbone.kind, pipeline.scorer, pipeline.max_length
+    )
     generator = torch.Generator().manual_seed(seed) if training else None
     sampler = None
     if training and cfg.trainer.group_by_length:
@@ -122,7 +127,9 @@ def make_loader(pipeline: Pipeline, split: str, training: bool, seed: int = 0) -
         shuffle=training and sampler is None,
         sampler=sampler,
         generator=generator,
-        collate_fn=Collator(pipeline.backbone.kind, pipeline.scorer, pipeline.tokenizer.pad_token_id, all_candidates=not training),
+        collate_fn=Collator(
+            pipeline.backbone.kind, pipeline.scorer, pipeline.tokenizer.pad_token_id, all_candidates=not training
+        ),
         num_workers=cfg.trainer.num_workers,
     )
 
@@ -149,10 +156,14 @@ def predict(model, loader: DataLoader, accelerator: Accelerator, progress: bool 
             store.extend(values.tolist())
     model.train(was_training)
     order = sorted(range(len(out.indices)), key=out.indices.__getitem__)
-    return Predictions(*([store[i] for i in order] for store in (out.predictions, out.references, out.indices, out.scores)))
+    return Predictions(
+        *([store[i] for i in order] for store in (out.predictions, out.references, out.indices, out.scores))
+    )
 
 
-def evaluate(model, loader: DataLoader, accelerator: Accelerator, task: Task, progress: bool = True) -> dict[str, float]:
+def evaluate(
+    model, loader: DataLoader, accelerator: Accelerator, task: Task, progress: bool = True
+) -> dict[str, float]:
     result = predict(model, loader, accelerator, progress)
     examples = task.examples["validation"]
     groups = [examples[i].group for i in result.indices] if task.cfg.group_field else None

@@ -8,6 +8,7 @@ Two uses:
   the task's validation rows with all K prompts in one batch and combines them by majority vote
   and by mean log-probability (Lester et al. 2021, section 6), writing `ensemble.json`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,13 +50,17 @@ def example_for(bank: PromptBank, index: int, row: dict, where: str) -> Example:
     return Example(text=task.render(row, where), candidates=task.candidates(row), label=label)
 
 
-def score_rows(bank: PromptBank, examples: list[Example], prompt_indices: list[int], batch_size: int, progress: bool = True) -> torch.Tensor:
+def score_rows(
+    bank: PromptBank, examples: list[Example], prompt_indices: list[int], batch_size: int, progress: bool = True
+) -> torch.Tensor:
     """Log-probabilities (rows, choices) of every row under its own prompt, batch by batch."""
     rows = bank.encode(examples, prompt_indices)
     collate = Collator(bank.backbone.kind, bank.scorer, bank.backbone.tokenizer.pad_token_id, all_candidates=True)
     width = max(len(example.candidates) for example in examples)
     scores = torch.full((len(rows), width), float("-inf"))
-    for batch in tqdm(DataLoader(rows, batch_size=batch_size, collate_fn=collate), desc="predict", disable=not progress):
+    for batch in tqdm(
+        DataLoader(rows, batch_size=batch_size, collate_fn=collate), desc="predict", disable=not progress
+    ):
         batch_scores = bank.score(batch)
         scores[batch["index"], : batch_scores.shape[1]] = batch_scores
     return scores
@@ -72,7 +77,9 @@ def predict_file(bank: PromptBank, input_path: Path, output_path: Path, prompt_f
             # one prompt serves every row: the task's own files (SST-2's dev.tsv) are input as they are
             index = 0
         else:
-            raise UserError(f"{where}: no {prompt_field!r} column naming the row's prompt (one of: {', '.join(bank.names)})")
+            raise UserError(
+                f"{where}: no {prompt_field!r} column naming the row's prompt (one of: {', '.join(bank.names)})"
+            )
         indices.append(index)
         examples.append(example_for(bank, index, row, where))
     scores = score_rows(bank, examples, indices, batch_size)
@@ -147,7 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input", type=Path, help="CSV, TSV or JSON lines; each row names its prompt")
     parser.add_argument("--output", type=Path, help="predictions file (.jsonl), or folder for ensemble.json")
     parser.add_argument("--prompt-field", default="prompt", help="the input column naming each row's prompt")
-    parser.add_argument("--ensemble", nargs="+", metavar="RUN_DIR", help="runs of one task to ensemble on its validation split")
+    parser.add_argument(
+        "--ensemble", nargs="+", metavar="RUN_DIR", help="runs of one task to ensemble on its validation split"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

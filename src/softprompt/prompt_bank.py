@@ -5,6 +5,7 @@ so here each row of a batch picks its prompt from a stacked bank, and its own ta
 candidates (rank classification) or its own task's head (encoders). One copy of the
 backbone serves every prompt.
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,7 +51,12 @@ def run_config(run_dir: Path) -> TrainConfig:
 def _backbone_identity(cfg: TrainConfig) -> str:
     model = cfg.model
     return json.dumps(
-        {"name_or_path": model.name_or_path, "from_config": model.from_config, "tokenizer": model.tokenizer, "revision": model.revision},
+        {
+            "name_or_path": model.name_or_path,
+            "from_config": model.from_config,
+            "tokenizer": model.tokenizer,
+            "revision": model.revision,
+        },
         sort_keys=True,
         default=str,
     )
@@ -63,11 +69,13 @@ def load_entry(name: str, path: str | Path) -> BankEntry:
         run_dir = run_dir.parent
     cfg = run_config(run_dir)
     if cfg.method.name != "prompt_tuning":
-        raise UserError(f"prompt {name!r}: {run_dir} was trained with method={cfg.method.name}; a prompt bank serves prompt_tuning runs")
+        raise UserError(
+            f"prompt {name!r}: {run_dir} was trained with method={cfg.method.name}; a prompt bank serves prompt_tuning runs"
+        )
     weights = load_file(str(run_dir / "prompt" / "adapter_model.safetensors")) if (run_dir / "prompt").is_dir() else {}
     if PROMPT_KEY not in weights:
         raise UserError(f"prompt {name!r}: {run_dir} holds no trained prompt (prompt/adapter_model.safetensors)")
-    head_state = {key[len(HEAD_PREFIX):]: value for key, value in weights.items() if key.startswith(HEAD_PREFIX)}
+    head_state = {key[len(HEAD_PREFIX) :]: value for key, value in weights.items() if key.startswith(HEAD_PREFIX)}
     return BankEntry(name, run_dir, cfg, Task(cfg.task), load_prompt_file(run_dir), head_state)
 
 
@@ -78,7 +86,7 @@ def _head_for(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     prefix = next(iter(state)).split(".")[0] + "."
     for key, value in state.items():
         owner = head
-        parts = key[len(prefix):].split(".")
+        parts = key[len(prefix) :].split(".")
         for part in parts[:-1]:
             owner = getattr(owner, part)
         setattr(owner, parts[-1], nn.Parameter(value.clone(), requires_grad=False))
@@ -104,7 +112,9 @@ class PromptBank:
                 )
         lengths = {entry.name: entry.prompt.shape[0] for entry in entries}
         if len(set(lengths.values())) > 1:
-            raise UserError("prompts in one bank must share a length: " + ", ".join(f"{k}={v}" for k, v in lengths.items()))
+            raise UserError(
+                "prompts in one bank must share a length: " + ", ".join(f"{k}={v}" for k, v in lengths.items())
+            )
         self.cfg = first.cfg
         scorer_of = lambda entry, kind: resolve_scorer(entry.cfg.scorer, kind, list(entry.cfg.task.scorers))  # noqa: E731
         head_labels = first.task.num_classes if first.head_state else None
@@ -121,10 +131,14 @@ class PromptBank:
         peft_model = PeftModel.from_pretrained(self.backbone.model, first.run_dir / "prompt")
         self.model = PromptedModel(peft_model, self.backbone.kind, self.scorer, self.cfg.scorer.reduction).eval()
         self.prompts = torch.stack([entry.prompt for entry in entries])
-        self.heads = [_head_for(head_module(peft_model.base_model), entry.head_state) for entry in entries] if self.scorer == "head" else None
+        self.heads = (
+            [_head_for(head_module(peft_model.base_model), entry.head_state) for entry in entries]
+            if self.scorer == "head"
+            else None
+        )
 
     @classmethod
-    def load(cls, sources: dict[str, str | Path]) -> "PromptBank":
+    def load(cls, sources: dict[str, str | Path]) -> PromptBank:
         return cls([load_entry(name, path) for name, path in sources.items()])
 
     def index(self, name: str) -> int:
@@ -138,7 +152,13 @@ class PromptBank:
         for index in sorted(set(prompt_indices)):
             positions = [i for i, p in enumerate(prompt_indices) if p == index]
             entry = self.entries[index]
-            rows = encode([examples[i] for i in positions], self.backbone.tokenizer, self.backbone.kind, self.scorer, entry.cfg.task.max_length)
+            rows = encode(
+                [examples[i] for i in positions],
+                self.backbone.tokenizer,
+                self.backbone.kind,
+                self.scorer,
+                entry.cfg.task.max_length,
+            )
             for position, row in zip(positions, rows):
                 row.index, row.prompt = position, index
                 encoded[position] = row

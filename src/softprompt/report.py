@@ -9,6 +9,7 @@ and Fig. 1 when the runs compare methods (model tuning, prompt tuning, prompt de
 line per method across model sizes (`by_model_size`), and the metric against the number of
 trainable parameters (`by_trainable_params`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,18 +33,46 @@ SUMMARY_CSV = "summary.csv"
 REPORT_MD = "report.md"
 # the columns of the tidy table, in order; config keys that vary across runs are added after `init`
 COLUMNS = [
-    "run", "model", "parameters", "task", "metric", "method", "prompt_length", "init", "seed",
-    "value", "initial", "best_step", "trainable_params", "trainable_fraction", "train_seconds", "status", "reason",
+    "run",
+    "model",
+    "parameters",
+    "task",
+    "metric",
+    "method",
+    "prompt_length",
+    "init",
+    "seed",
+    "value",
+    "initial",
+    "best_step",
+    "trainable_params",
+    "trainable_fraction",
+    "train_seconds",
+    "status",
+    "reason",
 ]
 # whole numbers (kept as integers in the CSV even where a failed run leaves a gap)
 INTEGER_COLUMNS = ["parameters", "prompt_length", "seed", "best_step", "trainable_params"]
 # config keys the standard columns already show
-SHOWN_KEYS = {"model.name", "model.num_params", "task.name", "task.main_metric", "method.name", "prompt.length", "prompt.init", "seed"}
+SHOWN_KEYS = {
+    "model.name",
+    "model.num_params",
+    "task.name",
+    "task.main_metric",
+    "method.name",
+    "prompt.length",
+    "prompt.init",
+    "seed",
+}
 # methods that have a prompt of prompt.length vectors, and the one that has prompt.init
 LENGTH_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
 METHOD_LABELS = {
-    "model_tuning": "model tuning", "prompt_tuning": "prompt tuning", "prompt_design": "prompt design",
-    "prefix_tuning": "prefix tuning", "p_tuning": "p-tuning", "lora": "LoRA",
+    "model_tuning": "model tuning",
+    "prompt_tuning": "prompt tuning",
+    "prompt_design": "prompt design",
+    "prefix_tuning": "prefix tuning",
+    "p_tuning": "p-tuning",
+    "lora": "LoRA",
 }
 # what each figure draws one line per, and its label
 AXES = {"prompt_length": "prompt length", "init": "initialisation"}
@@ -63,7 +92,9 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 def load_run(run_path: Path) -> tuple[dict, dict]:
     """One run's table row and its flattened config."""
-    config = flatten(OmegaConf.to_container(OmegaConf.load(run_path / ".hydra" / "config.yaml"), resolve=False), scalars=True)
+    config = flatten(
+        OmegaConf.to_container(OmegaConf.load(run_path / ".hydra" / "config.yaml"), resolve=False), scalars=True
+    )
     metrics_path = run_path / records.METRICS
     metrics = records.read_json(metrics_path) if metrics_path.is_file() else {}
     metric = metrics.get("main_metric", config.get("task.main_metric"))
@@ -107,15 +138,23 @@ def tidy_table(runs: list[Path]) -> pd.DataFrame:
     varying = [key for key in configs.columns if key not in ignored and by_choice[key].nunique(dropna=False).max() > 1]
     table = pd.DataFrame([row for row, _ in loaded], columns=COLUMNS)
     # a run that failed before its model loaded has no measured size: take its model's from the others
-    table["parameters"] = table.groupby("model", dropna=False)["parameters"].transform(lambda sizes: sizes.fillna(sizes.max()))
+    table["parameters"] = table.groupby("model", dropna=False)["parameters"].transform(
+        lambda sizes: sizes.fillna(sizes.max())
+    )
     table = table.astype({column: "Int64" for column in INTEGER_COLUMNS})
     for position, key in enumerate(varying, start=COLUMNS.index("init") + 1):
         values = configs[key].astype(str)
         if key.startswith("method."):
             # a method's knob is empty on the rows of methods that do not read it
-            values = values.where([key.removeprefix("method.") in METHOD_KNOBS.get(method, ()) for method in table["method"]], None)
+            values = values.where(
+                [key.removeprefix("method.") in METHOD_KNOBS.get(method, ()) for method in table["method"]], None
+            )
         table.insert(position, key, values)
-    return table.sort_values(["task", "parameters", "model", "method", "prompt_length", "init", *varying, "seed"], kind="stable", ignore_index=True)
+    return table.sort_values(
+        ["task", "parameters", "model", "method", "prompt_length", "init", *varying, "seed"],
+        kind="stable",
+        ignore_index=True,
+    )
 
 
 def varying_keys(frame: pd.DataFrame) -> list[str]:
@@ -172,14 +211,29 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
         for _, line in rows.groupby(line_keys, sort=True):
             line = line.sort_values(x_key)
             xs = [positions[value] for value in line[x_key]] if categorical else line[x_key].astype(float)
-            panel.errorbar(xs, line["mean"], yerr=line["std"].fillna(0), marker="o", capsize=4, label=_line_label(line.iloc[0], line_keys))
+            panel.errorbar(
+                xs,
+                line["mean"],
+                yerr=line["std"].fillna(0),
+                marker="o",
+                capsize=4,
+                label=_line_label(line.iloc[0], line_keys),
+            )
             if annotate:
                 for x, y in zip(xs, line["mean"]):
                     panel.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
         if reference is not None and by_size:
             points = reference[reference["task"].isin([task, "*"])]
             for label, group in points.groupby("label", sort=False):
-                panel.plot(group["parameters"], group["value"], linestyle="--", marker="s", fillstyle="none", color="grey", label=label)
+                panel.plot(
+                    group["parameters"],
+                    group["value"],
+                    linestyle="--",
+                    marker="s",
+                    fillstyle="none",
+                    color="grey",
+                    label=label,
+                )
         if categorical:
             panel.set_xticks(list(positions.values()), list(positions))
         else:
@@ -187,11 +241,18 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
             panel.set_xscale("log")
             panel.minorticks_off()
             ticks = rows.drop_duplicates(x_key).sort_values(x_key)
-            labels = [f"{_millions(size)}\n{model}" for size, model in zip(ticks["parameters"], ticks["model"])] if by_size else ticks[x_key]
+            labels = (
+                [f"{_millions(size)}\n{model}" for size, model in zip(ticks["parameters"], ticks["model"])]
+                if by_size
+                else ticks[x_key]
+            )
             panel.set_xticks(ticks[x_key].astype(float).tolist(), [str(label) for label in labels])
         panel.set_xlabel({"parameters": "model parameters", **AXES}[x_key])
         panel.set_ylabel(f"{metric} (mean ± std over seeds)")
-        panel.set_title(f"{task}: {metric} by {AXES[axis]}" + ("" if by_size else f" ({', '.join(map(str, rows['model'].unique()))})"))
+        panel.set_title(
+            f"{task}: {metric} by {AXES[axis]}"
+            + ("" if by_size else f" ({', '.join(map(str, rows['model'].unique()))})")
+        )
         panel.grid(True, which="both", alpha=0.3)
         panel.legend(fontsize=8)
     return save_figure(figure, stem)
@@ -216,12 +277,20 @@ def _method_label(row: pd.Series, keys: list[str]) -> str:
 def method_lines(rows: pd.DataFrame, summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """One line per method setting: the method, and any key that varies within that method's runs."""
     lines = []
-    for method, group in rows.groupby("method", sort=False):
-        keys = [key for key in ["prompt_length", "init", *varying_keys(summary)] if group[key].astype(str).nunique() > 1]
+    for _method, group in rows.groupby("method", sort=False):
+        keys = [
+            key for key in ["prompt_length", "init", *varying_keys(summary)] if group[key].astype(str).nunique() > 1
+        ]
         for _, line in group.groupby(keys, sort=True, dropna=False) if keys else [(None, group)]:
             lines.append((_method_label(line.iloc[0], keys), line))
     order = list(METHOD_LABELS)
-    return sorted(lines, key=lambda item: (order.index(item[1]["method"].iloc[0]) if item[1]["method"].iloc[0] in order else len(order), item[0]))
+    return sorted(
+        lines,
+        key=lambda item: (
+            order.index(item[1]["method"].iloc[0]) if item[1]["method"].iloc[0] in order else len(order),
+            item[0],
+        ),
+    )
 
 
 def draw_methods(summary: pd.DataFrame, x_key: str, reference: pd.DataFrame | None, stem: Path) -> list[Path]:
@@ -241,24 +310,46 @@ def draw_methods(summary: pd.DataFrame, x_key: str, reference: pd.DataFrame | No
             line = line.sort_values(["parameters", x_key])
             xs = line[x_key].astype(float)
             style = {"linestyle": "--"} if line["method"].iloc[0] == "prompt_design" else {}
-            panel.errorbar(xs, line["mean"], yerr=line["std"].fillna(0), marker=markers[number % len(markers)], capsize=4, label=label, **style)
+            panel.errorbar(
+                xs,
+                line["mean"],
+                yerr=line["std"].fillna(0),
+                marker=markers[number % len(markers)],
+                capsize=4,
+                label=label,
+                **style,
+            )
             if x_key == "trainable_params":
                 for x, y, model in zip(xs, line["mean"], line["model"]):
                     panel.annotate(model, (x, y), textcoords="offset points", xytext=(5, -10), fontsize=7, color="grey")
         if reference is not None and x_key == "parameters":
             points = reference[reference["task"].isin([task, "*"])]
             for label, group in points.groupby("label", sort=False):
-                panel.plot(group["parameters"], group["value"], linestyle=":", marker="s", fillstyle="none", color="grey", label=label)
+                panel.plot(
+                    group["parameters"],
+                    group["value"],
+                    linestyle=":",
+                    marker="s",
+                    fillstyle="none",
+                    color="grey",
+                    label=label,
+                )
         panel.set_xscale("log")
         if x_key == "parameters":
             panel.minorticks_off()
             ticks = rows.drop_duplicates("parameters").sort_values("parameters")
-            panel.set_xticks(ticks["parameters"].astype(float).tolist(), [f"{_millions(size)}\n{model}" for size, model in zip(ticks["parameters"], ticks["model"])])
+            panel.set_xticks(
+                ticks["parameters"].astype(float).tolist(),
+                [f"{_millions(size)}\n{model}" for size, model in zip(ticks["parameters"], ticks["model"])],
+            )
             panel.set_xlabel("model parameters")
             panel.set_title(f"{task}: {metric} by model size and method")
         else:
             panel.set_xlabel("trainable parameters")
-            panel.set_title(f"{task}: {metric} by trainable parameters" + (" (prompt design trains none)" if "prompt_design" in set(summary["method"]) else ""))
+            panel.set_title(
+                f"{task}: {metric} by trainable parameters"
+                + (" (prompt design trains none)" if "prompt_design" in set(summary["method"]) else "")
+            )
         panel.set_ylabel(f"{metric} (mean ± std over seeds)")
         panel.grid(True, which="both", alpha=0.3)
         panel.legend(fontsize=8)
@@ -284,12 +375,15 @@ def read_reference(path: Path) -> pd.DataFrame:
         raise UserError(f"--reference {path}: cannot be read as CSV ({error})") from None
     missing = [column for column in REFERENCE_COLUMNS if column not in reference.columns]
     if missing:
-        raise UserError(f"--reference {path}: missing column(s) {', '.join(missing)}; needs {', '.join(REFERENCE_COLUMNS)}")
+        raise UserError(
+            f"--reference {path}: missing column(s) {', '.join(missing)}; needs {', '.join(REFERENCE_COLUMNS)}"
+        )
     return reference
 
 
 def _markdown(frame: pd.DataFrame) -> str:
     """A Markdown table with numbers written for reading: metrics to 4 places, counts with separators."""
+
     def cell(column: str, value) -> str:
         if _missing(value):
             return ""
@@ -314,11 +408,19 @@ def ensemble_lines(paths: list[Path]) -> list[str]:
         if (path / records.ENSEMBLE).is_file():
             found = records.read_json(path / records.ENSEMBLE)
             metric = found["main_metric"]
-            rows.append({
-                "folder": str(path), "task": found["task"], "model": found["model"], "prompts": len(found["per_prompt"]),
-                "metric": metric, "mean": found["mean"], "best": found["best"],
-                "vote": found["vote"][metric], "mean log-prob": found["mean_log_prob"][metric],
-            })
+            rows.append(
+                {
+                    "folder": str(path),
+                    "task": found["task"],
+                    "model": found["model"],
+                    "prompts": len(found["per_prompt"]),
+                    "metric": metric,
+                    "mean": found["mean"],
+                    "best": found["best"],
+                    "vote": found["vote"][metric],
+                    "mean log-prob": found["mean_log_prob"][metric],
+                }
+            )
     if not rows:
         return []
     return ["## Ensembles", "", pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f"), ""]
@@ -352,9 +454,12 @@ def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = 
 
     counts = table["status"].value_counts()
     spread = [
-        "" if _missing(mean) else f"{mean:.4f}" + ("" if _missing(std) else f" ± {std:.4f}") for mean, std in zip(summary["mean"], summary["std"])
+        "" if _missing(mean) else f"{mean:.4f}" + ("" if _missing(std) else f" ± {std:.4f}")
+        for mean, std in zip(summary["mean"], summary["std"])
     ]
-    shown = summary.drop(columns=["mean", "std", "initial"]).assign(**{"mean ± std": spread, "initial": summary["initial"]})
+    shown = summary.drop(columns=["mean", "std", "initial"]).assign(
+        **{"mean ± std": spread, "initial": summary["initial"]}
+    )
     lines = [
         "# softprompt report",
         "",
@@ -368,11 +473,16 @@ def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = 
         "",
     ]
     if figures:
-        lines += ["## Figures", ""] + [f"![{path.stem}]({path.name})" for path in figures if path.suffix == ".png"] + [""]
+        lines += (
+            ["## Figures", ""] + [f"![{path.stem}]({path.name})" for path in figures if path.suffix == ".png"] + [""]
+        )
     failed = table[table["status"] != "completed"]
     if len(failed):
         lines += ["## Runs that did not complete", ""]
-        lines += [f"- `{row.run}`: **{row.status}**" + (f": {row.reason}" if isinstance(row.reason, str) else "") for row in failed.itertuples()]
+        lines += [
+            f"- `{row.run}`: **{row.status}**" + (f": {row.reason}" if isinstance(row.reason, str) else "")
+            for row in failed.itertuples()
+        ]
         lines.append("")
     lines += ensemble_lines(paths)
     lines += ["## Runs", "", _markdown(table.drop(columns=["reason"])), ""]
@@ -385,8 +495,12 @@ def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="softprompt-report", description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="sweep or run directories (searched recursively)")
-    parser.add_argument("--out", type=Path, help="where the report goes (default: the directory, when only one is given)")
-    parser.add_argument("--reference", type=Path, help="CSV of reference points to overlay: " + ", ".join(REFERENCE_COLUMNS))
+    parser.add_argument(
+        "--out", type=Path, help="where the report goes (default: the directory, when only one is given)"
+    )
+    parser.add_argument(
+        "--reference", type=Path, help="CSV of reference points to overlay: " + ", ".join(REFERENCE_COLUMNS)
+    )
     args = parser.parse_args(argv)
     if args.out is None and len(args.dirs) > 1:
         raise UserError("--out is required when more than one directory is given")
@@ -394,7 +508,10 @@ def main(argv: list[str] | None = None) -> None:
     written = write_report(args.dirs, args.out or args.dirs[0], reference)
     for name in ("markdown", "results", "summary"):
         print(f"{name}: {written[name]}")
-    print("figures: " + ", ".join(str(path) for key, path in written.items() if key not in ("markdown", "results", "summary")))
+    print(
+        "figures: "
+        + ", ".join(str(path) for key, path in written.items() if key not in ("markdown", "results", "summary"))
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 `metrics.json` always carries `status`: `running` while training, then `completed`, or
 `failed` or `preempted` with a `reason`. Readers (reports, sweep resumption) trust only `completed`.
 """
+
 from __future__ import annotations
 
 import json

@@ -14,6 +14,7 @@ values, so masks cover the prefix and the input's positions start after it, as i
 Only the logits that are scored are computed: the answer positions (decoders) or the answer
 tokens (encoder-decoders), never the soft-prompt positions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -77,16 +78,23 @@ class PromptedModel(nn.Module):
         if gradient_checkpointing:
             options = {"use_reentrant": False}
             if not compile_backbone:  # compiled, the recomputation is part of the traced backward graph
-                options["context_fn"] = lambda: (attention_kernel(self.math_attention), attention_kernel(self.math_attention))
+                options["context_fn"] = lambda: (
+                    attention_kernel(self.math_attention),
+                    attention_kernel(self.math_attention),
+                )
             self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-            self.checkpointed_layers = [module for module in self.backbone.modules() if isinstance(module, GradientCheckpointingLayer)]
+            self.checkpointed_layers = [
+                module for module in self.backbone.modules() if isinstance(module, GradientCheckpointingLayer)
+            ]
         if compile_backbone:
             self.backbone.compile(dynamic=True)
         kind_of = peft_model.active_peft_config.peft_type if isinstance(peft_model, PeftModel) else None
         self.peft_type = getattr(kind_of, "value", kind_of)
-        self.prefix_length = peft_model.active_peft_config.num_virtual_tokens if self.peft_type == "PREFIX_TUNING" else 0
+        self.prefix_length = (
+            peft_model.active_peft_config.num_virtual_tokens if self.peft_type == "PREFIX_TUNING" else 0
+        )
 
-    def train(self, mode: bool = True) -> "PromptedModel":
+    def train(self, mode: bool = True) -> PromptedModel:
         """Without backbone dropout the backbone (head and adapters included) stays in evaluation mode while training.
 
         Transformers checkpoints a layer only while that layer is training, so checkpointed layers are
@@ -139,7 +147,9 @@ class PromptedModel(nn.Module):
         self.math_attention = (
             self.training
             and torch.is_grad_enabled()
-            and prefers_math_attention(self.backbone, prompts.shape[1] + self.prefix_length + batch["input_ids"].shape[1])
+            and prefers_math_attention(
+                self.backbone, prompts.shape[1] + self.prefix_length + batch["input_ids"].shape[1]
+            )
         )
         with attention_kernel(self.math_attention):
             return self._score(batch, prompts, heads)
@@ -149,7 +159,9 @@ class PromptedModel(nn.Module):
             return self._head(batch, prompts, heads)
         if self.scorer == "generate" and not self.training:
             return match_candidates(batch, self.generate(batch, prompts, max_new_tokens=batch["targets"].shape[1]))
-        pair_log_probs = self._decoder(batch, prompts) if self.kind == "decoder" else self._encoder_decoder(batch, prompts)
+        pair_log_probs = (
+            self._decoder(batch, prompts) if self.kind == "decoder" else self._encoder_decoder(batch, prompts)
+        )
         return self._rank(batch, pair_log_probs)
 
     def _head(self, batch, prompts, heads) -> ScoreOutput:
@@ -255,7 +267,9 @@ class PromptedModel(nn.Module):
         return _token_log_probs(logits, targets)
 
     @torch.no_grad()
-    def generate(self, batch: dict[str, torch.Tensor], prompts: torch.Tensor, max_new_tokens: int, use_cache: bool = True) -> torch.Tensor:
+    def generate(
+        self, batch: dict[str, torch.Tensor], prompts: torch.Tensor, max_new_tokens: int, use_cache: bool = True
+    ) -> torch.Tensor:
         """Greedy answer tokens (rows, at most max_new_tokens) after each row's prompt and input.
 
         The backbone's `generate` gets the prompted input embeddings, laid out as the rank scorer lays
@@ -264,7 +278,9 @@ class PromptedModel(nn.Module):
         drops `position_ids`, which shifts positions in left-padded batches.
         """
         decoder = self.kind == "decoder"
-        ids, mask = (batch["query_ids"], batch["query_mask"]) if decoder else (batch["input_ids"], batch["attention_mask"])
+        ids, mask = (
+            (batch["query_ids"], batch["query_mask"]) if decoder else (batch["input_ids"], batch["attention_mask"])
+        )
         inputs, mask = self._prepend(prompts, ids, mask)
         output = self.backbone.generate(
             inputs_embeds=inputs,
@@ -299,7 +315,9 @@ def match_candidates(batch: dict[str, torch.Tensor], generated: torch.Tensor) ->
     for pair, (row, choice) in enumerate(zip(batch["pair_row"].tolist(), batch["pair_choice"].tolist())):
         candidate = targets[pair][valid[pair]].tolist()
         answer = generated[row].tolist()
-        shared = next((i for i, (a, b) in enumerate(zip(answer, candidate)) if a != b), min(len(answer), len(candidate)))
+        shared = next(
+            (i for i, (a, b) in enumerate(zip(answer, candidate)) if a != b), min(len(answer), len(candidate))
+        )
         table[row, choice] = shared + (width + 1 if shared == len(candidate) else 0)
     return ScoreOutput(table.new_zeros(()), table.to(generated.device))
 

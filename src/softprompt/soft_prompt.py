@@ -13,6 +13,7 @@ Token frequency ranks, per tokenizer kind (no frequency counts ship with tokeniz
 In every case special tokens, added tokens, unused placeholders and byte-fallback tokens are
 excluded before taking the top k.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,9 @@ def frequency_ranked_ids(tokenizer: PreTrainedTokenizerBase, k: int) -> torch.Te
         if model.get("type") == "Unigram":
             scores = {index: score for index, (_, score) in enumerate(model["vocab"])}
             order = sorted(order, key=lambda item: -scores.get(item[1], float("-inf")))
-    ranked = [index for token, index in order if index not in excluded and token.strip() and not _PLACEHOLDER.match(token)]
+    ranked = [
+        index for token, index in order if index not in excluded and token.strip() and not _PLACEHOLDER.match(token)
+    ]
     return torch.tensor(ranked[:k], dtype=torch.long)
 
 
@@ -74,7 +77,9 @@ def load_prompt_file(path: str | Path) -> torch.Tensor:
         folder = folder / "prompt"
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
-        raise ConfigError("prompt.path", str(path), "a run directory or prompt folder holding adapter_model.safetensors")
+        raise ConfigError(
+            "prompt.path", str(path), "a run directory or prompt folder holding adapter_model.safetensors"
+        )
     tensors = load_file(str(weights))
     if PROMPT_KEY not in tensors:
         raise UserError(f"prompt.path={str(path)!r}: {weights} holds no soft prompt (no {PROMPT_KEY!r} tensor)")
@@ -161,9 +166,7 @@ def trainable_counts(model: PeftModel) -> dict[str, int]:
     prompt = prompt_parameter(model).numel()
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     backbone_trainable = [
-        name
-        for name, p in model.base_model.named_parameters()
-        if p.requires_grad and "modules_to_save" not in name
+        name for name, p in model.base_model.named_parameters() if p.requires_grad and "modules_to_save" not in name
     ]
     if backbone_trainable:
         raise UserError(f"backbone parameters are trainable but must be frozen: {', '.join(backbone_trainable[:3])}")

@@ -6,6 +6,7 @@ again lands every job in the folder of its earlier run: a job whose `metrics.jso
 `completed` with the same key is skipped, an incomplete or failed one trains again. When the
 multirun ends, `ReportCallback` writes the report into the sweep directory.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,7 +52,9 @@ def drop_default_method(tree: dict) -> dict:
 
 def _result_config(cfg: DictConfig) -> dict:
     """The resolved config without Hydra's node and without the keys that cannot change a result."""
-    tree = drop_default_method(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]), resolve=True))
+    tree = drop_default_method(
+        OmegaConf.to_container(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]), resolve=True)
+    )
     for dotted in NON_RESULT_KEYS:
         *parents, leaf = dotted.split(".")
         node = tree

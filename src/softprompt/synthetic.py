@@ -5,14 +5,37 @@ majority polarity. Mixed reviews ("great screen but the battery is awful, and it
 make the task more than keyword spotting, yet a small encoder learns it within a couple of
 minutes on a CPU.
 """
+
 from __future__ import annotations
 
 import random
 
 PRODUCTS = ["phone", "laptop", "blender", "jacket", "camera", "headset", "backpack", "kettle", "monitor", "bike"]
 ASPECTS = ["battery", "screen", "price", "design", "sound", "build quality", "delivery", "support", "size", "colour"]
-POSITIVE = ["great", "excellent", "superb", "lovely", "impressive", "fantastic", "solid", "reliable", "brilliant", "perfect"]
-NEGATIVE = ["awful", "terrible", "poor", "disappointing", "flimsy", "useless", "dreadful", "broken", "cheap-feeling", "bad"]
+POSITIVE = [
+    "great",
+    "excellent",
+    "superb",
+    "lovely",
+    "impressive",
+    "fantastic",
+    "solid",
+    "reliable",
+    "brilliant",
+    "perfect",
+]
+NEGATIVE = [
+    "awful",
+    "terrible",
+    "poor",
+    "disappointing",
+    "flimsy",
+    "useless",
+    "dreadful",
+    "broken",
+    "cheap-feeling",
+    "bad",
+]
 OPENERS = ["I bought this {product} last month.", "Got the {product} as a gift.", "This {product} arrived on time.", ""]
 JOINERS = [", and ", ", but ", "; ", ", although "]
 LABELS = ["negative", "positive"]

@@ -4,15 +4,17 @@ One code path serves every task: a config names where rows come from (a built-in
 local files in a known format, or a hub dataset), and the same template, verbalizer and
 metric logic applies to all of them.
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -79,14 +81,18 @@ class Task:
         def value(match: re.Match) -> str:
             name = match.group(1)
             if name not in row:
-                raise DataError(f"the template needs field {name!r}; the row has: {', '.join(row)}", where or None, column=name)
+                raise DataError(
+                    f"the template needs field {name!r}; the row has: {', '.join(row)}", where or None, column=name
+                )
             return str(row[name])
 
         return FIELD.sub(value, self.cfg.template)
 
     def label_index(self, row: dict, where: str = "") -> int:
         if self.cfg.label_field not in row:
-            raise DataError(f"missing label field; the row has: {', '.join(row)}", where or None, column=self.cfg.label_field)
+            raise DataError(
+                f"missing label field; the row has: {', '.join(row)}", where or None, column=self.cfg.label_field
+            )
         value = row[self.cfg.label_field]
         for index, label in enumerate(self.cfg.labels):
             if value == label or str(value) == str(label):
@@ -145,7 +151,9 @@ def read_delimited(path: Path, delimiter: str) -> list[dict]:
         rows = []
         for number, row in enumerate(reader, start=2):
             if None in row or any(value is None for value in row.values()):
-                raise DataError(f"expected {len(reader.fieldnames)} columns ({', '.join(reader.fieldnames)})", path, row=number)
+                raise DataError(
+                    f"expected {len(reader.fieldnames)} columns ({', '.join(reader.fieldnames)})", path, row=number
+                )
             rows.append({key: _number_or_text(value) for key, value in row.items()})
     return rows
 

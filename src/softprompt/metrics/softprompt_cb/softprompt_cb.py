@@ -2,6 +2,7 @@
 
 Standalone on purpose: `evaluate.load` copies only this file into its modules cache.
 """
+
 import datasets
 import evaluate
 from sklearn.metrics import accuracy_score, f1_score
@@ -13,9 +14,7 @@ class SoftpromptCb(evaluate.Metric):
             description="Mean of accuracy and macro F1, the single number SuperGLUE averages for CB.",
             citation="",
             inputs_description="predictions, references: class ids (int).",
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
             format="numpy",
         )
 

@@ -2,6 +2,7 @@
 
 Standalone on purpose: `evaluate.load` copies only this file into its modules cache.
 """
+
 import datasets
 import evaluate
 from sklearn.metrics import f1_score
@@ -13,9 +14,7 @@ class SoftpromptF1(evaluate.Metric):
             description="F1 of the positive class (label 1); 0.0 when it has no true or predicted positives.",
             citation="",
             inputs_description="predictions, references: class ids (int), 1 is the positive class.",
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
             format="numpy",
         )
 

@@ -2,6 +2,7 @@
 
 Standalone on purpose: `evaluate.load` copies only this file into its modules cache.
 """
+
 import datasets
 import evaluate
 from sklearn.metrics import matthews_corrcoef
@@ -13,9 +14,7 @@ class SoftpromptMcc(evaluate.Metric):
             description="Matthews correlation between predicted and reference class ids; 0.0 when either is constant.",
             citation="",
             inputs_description="predictions, references: class ids (int).",
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
             format="numpy",
         )
 

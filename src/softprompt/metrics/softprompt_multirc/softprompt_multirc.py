@@ -5,6 +5,7 @@ a question counts for EM only when every one of its options is right.
 
 Standalone on purpose: `evaluate.load` copies only this file into its modules cache.
 """
+
 import datasets
 import evaluate
 import numpy as np

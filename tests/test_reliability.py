@@ -4,7 +4,10 @@ one-line errors for every bad input, and random overrides that never end in a tr
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
 import os
 import random
 import signal
@@ -60,7 +63,7 @@ def logged_steps(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def interrupt(run_dir: Path, overrides: list[str], signum: int, at_step: int) -> subprocess.Popen:
+def interrupt(run_dir: Path, overrides: list[str], signum: int, at_step: int) -> subprocess.CompletedProcess:
     """Start a run, send `signum` once its log shows `at_step` steps, and wait for it to end."""
     process = start(run_dir, overrides)
     deadline = time.monotonic() + 300
@@ -68,8 +71,8 @@ def interrupt(run_dir: Path, overrides: list[str], signum: int, at_step: int) ->
         time.sleep(0.005)
     assert process.poll() is None, f"the run ended before step {at_step}: {process.communicate()[1][-2000:]}"
     process.send_signal(signum)
-    process.communicate(timeout=300)
-    return process
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def outcome(run_dir: Path) -> tuple[dict, list[tuple]]:
@@ -88,6 +91,88 @@ def uninterrupted(tmp_path_factory) -> Path:
     result = run_cli("softprompt.train", *LONG, f"hydra.run.dir={run_dir}", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+# ---- a failed command deletes or changes nothing it did not create ----
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file and folder under root (hidden ones too): a folder as 'dir', a file as the sha256 of its bytes."""
+    return {
+        str(path.relative_to(root)): "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+    }
+
+
+def one_error(result: subprocess.CompletedProcess, code: int = 2) -> str:
+    """The command's single `error:` line, after checking its exit status and that no traceback was printed."""
+    assert result.returncode == code, result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+def user_folder(folder: Path) -> list[str]:
+    """A folder of the user's own files: a CSV task whose training file has a label task.labels lacks."""
+    folder.mkdir(parents=True)
+    (folder / "train.csv").write_text("sentence,label\ngreat,1\nodd,7\n")
+    (folder / "dev.csv").write_text("sentence,label\nfine,1\ndull,0\n")
+    (folder / "notes.txt").write_text("my own notes\n")
+    (folder / "results").mkdir()
+    (folder / "results" / "old.json").write_text('{"mine": true}\n')
+    return [
+        "task=custom",
+        f"task.data_files.train={folder / 'train.csv'}",
+        f"task.data_files.validation={folder / 'dev.csv'}",
+        "task.text_fields=[sentence]",
+        "task.template='Review: {sentence} Sentiment:'",
+        "task.labels=[0,1]",
+        *(item for item in quick_overrides("tiny-bert", steps=2) if not item.startswith("task.")),
+    ]
+
+
+def test_a_data_error_in_a_folder_of_user_files_deletes_nothing(tmp_path):
+    """hydra.run.dir=. inside the user's own folder, then a label error in one of its CSV files."""
+    folder = tmp_path / "mine"
+    overrides = user_folder(folder)
+    before = tree(folder)
+    result = run_cli("softprompt.train", *overrides, "hydra.run.dir=.", cwd=folder)
+    assert "label 7 is not one of task.labels" in one_error(result)
+    assert tree(folder) == before
+
+
+def test_a_failed_start_removes_the_folders_it_created_and_nothing_else(tmp_path):
+    folder = tmp_path / "mine"
+    overrides = user_folder(folder)
+    before = tree(tmp_path)
+    result = run_cli("softprompt.train", *overrides, f"hydra.run.dir={tmp_path / 'new' / 'a' / 'b'}")
+    assert "label 7 is not one of task.labels" in one_error(result)
+    assert tree(tmp_path) == before
+
+
+def test_resume_must_on_a_folder_of_user_files_deletes_nothing(tmp_path):
+    folder = tmp_path / "mine"
+    user_folder(folder)
+    before = tree(folder)
+    result = run_cli(
+        "softprompt.train", *quick_overrides("tiny-bert", steps=2), "trainer.resume=must", f"hydra.run.dir={folder}"
+    )
+    assert "trainer.resume=must but" in one_error(result)
+    assert tree(folder) == before
+
+
+def test_a_refused_rerun_leaves_a_completed_run_byte_identical(tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = quick_overrides("tiny-bert", steps=2)
+    first = run_cli("softprompt.train", *overrides, f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = tree(run_dir)
+    assert {".hydra/config.yaml", "train.log", "metrics.json"} <= set(before)
+    refused = run_cli("softprompt.train", *overrides, "trainer.lr=0.02", f"hydra.run.dir={run_dir}")
+    assert "holds a checkpoint of another config (trainer.lr: 0.01 -> 0.02)" in one_error(refused)
+    assert tree(run_dir) == before
+    assert records.status(run_dir) == "completed"
 
 
 def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(tmp_path, uninterrupted):
@@ -124,6 +209,147 @@ def test_sigterm_checkpoints_exits_143_and_the_rerun_completes_identically(tmp_p
     rerun = run_cli("softprompt.train", *LONG, f"hydra.run.dir={run_dir}", timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert outcome(run_dir) == outcome(uninterrupted), f"stopped at step {state['step']}"
+
+
+def test_sigint_is_a_preemption_exit_130_and_the_rerun_completes_identically(tmp_path, uninterrupted):
+    at_step = random.randint(2, 30)
+    run_dir = tmp_path / "run"
+    stopped = interrupt(run_dir, LONG, signal.SIGINT, at_step)
+    assert stopped.returncode == 130
+    assert "Traceback" not in stopped.stdout + stopped.stderr
+    metrics = records.read_json(run_dir / records.METRICS)
+    state = records.read_json(run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.STATE)["progress"]
+    assert metrics["status"] == "preempted"
+    assert metrics["reason"].startswith(f"stopped by SIGINT at step {state['step']};")
+    assert logged_steps(run_dir) == state["step"] >= at_step
+
+    rerun = run_cli("softprompt.train", *LONG, f"hydra.run.dir={run_dir}", timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert outcome(run_dir) == outcome(uninterrupted), f"stopped at step {state['step']}"
+
+
+def run_main(argv: list[str]) -> int:
+    """softprompt-train in this process, as its console script runs it; returns the exit status."""
+    from softprompt import train as command
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    old_argv = sys.argv
+    sys.argv = ["softprompt-train", *argv]
+    try:
+        command.main()
+    except SystemExit as stop:
+        return stop.code
+    finally:
+        sys.argv = old_argv
+        # Hydra configured logging for the command: give the test session its own back
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+    return 0
+
+
+def leftovers(run_dir: Path) -> list[str]:
+    """Half-written files: temporary files of atomic writes, folders being built."""
+    return sorted(path.name for path in run_dir.rglob(".*") if path.name.endswith((".tmp", ".build", ".old")))
+
+
+def test_a_second_sigint_stops_at_once_exit_130(tmp_path, monkeypatch, capsys):
+    from softprompt import train as command
+
+    after_step = command._after_step
+
+    def ctrl_c_twice(run, bar):
+        if run.progress.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return after_step(run, bar)
+
+    monkeypatch.setattr(command, "_after_step", ctrl_c_twice)
+    run_dir = tmp_path / "run"
+    overrides = quick_overrides("tiny-bert", steps=20, **{"trainer.checkpoint_every": "2"})
+    assert run_main([*overrides, f"hydra.run.dir={run_dir}"]) == 130
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    metrics = records.read_json(run_dir / records.METRICS)
+    assert metrics["status"] == "preempted" and metrics["reason"].startswith("stopped at once by a second SIGINT")
+    assert records.read_json(run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.STATE)["progress"]["step"] == 2
+    assert leftovers(run_dir) == []
+
+
+def refuse_writes(monkeypatch, name: str, code: int) -> None:
+    """Every rename onto a file or folder called `name` fails as a full (ENOSPC) or read-only (EACCES) disk would."""
+    replace = os.replace
+
+    def refusing(source, target):
+        if Path(target).name == name:
+            raise OSError(code, os.strerror(code), str(target))
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "replace", refusing)
+
+
+@pytest.mark.parametrize(
+    "name,code", [(checkpoint.CHECKPOINT_DIR, errno.ENOSPC), ("prompt", errno.EACCES), ("env.json", errno.ENOSPC)]
+)
+def test_a_write_failure_mid_run_fails_the_run_in_one_line(tmp_path, monkeypatch, capsys, name, code):
+    refuse_writes(monkeypatch, name, code)
+    run_dir = tmp_path / "run"
+    overrides = quick_overrides("tiny-bert", steps=4, **{"trainer.checkpoint_every": "2"})
+    assert run_main([*overrides, f"hydra.run.dir={run_dir}"]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {run_dir / name}: {os.strerror(code)}"]
+    metrics = records.read_json(run_dir / records.METRICS)
+    assert metrics["status"] == "failed" and metrics["reason"] == errors[0].removeprefix("error: ")
+    assert leftovers(run_dir) == []
+
+
+def test_a_record_the_full_disk_refuses_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    refuse_writes(monkeypatch, records.METRICS, errno.ENOSPC)
+    run_dir = tmp_path / "run"
+    assert run_main([*quick_overrides("tiny-bert", steps=2), f"hydra.run.dir={run_dir}"]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    assert [line for line in captured.err.splitlines() if line.startswith("error:")] == [
+        f"error: {run_dir / records.METRICS}: {os.strerror(errno.ENOSPC)}"
+    ]
+    assert not (run_dir / records.METRICS).exists() and leftovers(run_dir) == []
+
+
+def test_records_follow_the_umask(train_run):
+    old = os.umask(0o022)
+    try:
+        run_dir, _ = train_run(quick_overrides("tiny-bert", steps=2))
+        records.write_json(run_dir / "shared.json", {})
+        os.umask(0o027)
+        records.write_json(run_dir / "group.json", {})
+    finally:
+        os.umask(old)
+    for name in (
+        records.METRICS,
+        records.ENV,
+        records.TASK,
+        f"{checkpoint.CHECKPOINT_DIR}/{checkpoint.STATE}",
+        "shared.json",
+    ):
+        assert (run_dir / name).stat().st_mode & 0o777 == 0o644, name
+    assert (run_dir / "group.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_sweep_with_a_failed_job_exits_1_after_its_report(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = quick_overrides("tiny-bert", steps=2, **{"prompt.length": "2,0"})
+    result = run_cli("softprompt.train", "-m", *args, f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert (sweep_dir / "report.md").is_file()
+    failed = [path.parent.name for path in sweep_dir.glob("*/metrics.json") if records.status(path.parent) == "failed"]
+    summary = [line for line in result.stderr.splitlines() if "jobs failed" in line]
+    assert summary == [f"1 of 2 jobs failed: {failed[0]}: prompt.length=0 is not allowed: a number >= 1"]
 
 
 def test_a_completed_run_started_again_reports_it_without_training(uninterrupted):

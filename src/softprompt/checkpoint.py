@@ -166,6 +166,13 @@ def _set_random_states(tensors: dict[str, torch.Tensor], plain: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def start_over(run_path: Path) -> None:
+    """No checkpoint to resume from: drop what an earlier attempt left, so no stale record survives."""
+    for name in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old", records.PROMPT_DIR):
+        shutil.rmtree(run_path / name, ignore_errors=True)
+    (run_path / records.TRAIN_LOG).unlink(missing_ok=True)
+
+
 def save(
     run_path: Path,
     cfg: TrainConfig,
@@ -176,40 +183,41 @@ def save(
     epoch_data_state: torch.Tensor,
 ) -> None:
     """Write a complete checkpoint beside the old one, then swap it in (call on the main process only)."""
-    build = run_path / f".{CHECKPOINT_DIR}.build"
-    shutil.rmtree(build, ignore_errors=True)
-    build.mkdir()
-    tensors = {f"model.{name}": p for name, p in model.named_parameters() if p.requires_grad}
-    optimizer_tensors, optimizer_plain = _optimizer_parts(optimizer.state_dict())
-    rng_tensors, rng_plain = _random_states()
-    tensors.update(optimizer_tensors, **rng_tensors, **{"data.generator": epoch_data_state})
-    save_file({key: value.detach().cpu().contiguous().clone() for key, value in tensors.items()}, str(build / TENSORS))
-    best_prompt = run_path / records.PROMPT_DIR
-    if best_prompt.is_dir():
-        shutil.copytree(best_prompt, build / BEST_PROMPT)
-    state = {
-        "format": FORMAT,
-        "config": comparable_config(cfg),
-        "progress": asdict(progress),
-        "optimizer": optimizer_plain,
-        "scheduler": scheduler.state_dict(),
-        "random": rng_plain,
-    }
-    records.write_json(build / STATE, state)
-    records.replace_dir(build, run_path / CHECKPOINT_DIR)
+
+    def fill(build: Path) -> None:
+        build.mkdir()
+        tensors = {f"model.{name}": p for name, p in model.named_parameters() if p.requires_grad}
+        optimizer_tensors, optimizer_plain = _optimizer_parts(optimizer.state_dict())
+        rng_tensors, rng_plain = _random_states()
+        tensors.update(optimizer_tensors, **rng_tensors, **{"data.generator": epoch_data_state})
+        save_file(
+            {key: value.detach().cpu().contiguous().clone() for key, value in tensors.items()}, str(build / TENSORS)
+        )
+        best_prompt = run_path / records.PROMPT_DIR
+        if best_prompt.is_dir():
+            shutil.copytree(best_prompt, build / BEST_PROMPT)
+        state = {
+            "format": FORMAT,
+            "config": comparable_config(cfg),
+            "progress": asdict(progress),
+            "optimizer": optimizer_plain,
+            "scheduler": scheduler.state_dict(),
+            "random": rng_plain,
+        }
+        records.write_json(build / STATE, state)
+
+    records.build_dir(run_path / CHECKPOINT_DIR, fill)
 
 
 def restore(
     snapshot: Snapshot,
-    run_path: Path,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     data_generator: torch.Generator,
-    main_process: bool,
 ) -> None:
-    """Put every saved state back: parameters, optimiser, schedule, random states, data order, and on the
-    main process the files: train_log.jsonl cut to its length at the checkpoint, prompt/ to the best prompt then."""
+    """Put every saved state back: parameters, optimiser, schedule, random states, data order. Writes no file,
+    so a checkpoint refused here leaves the run directory as it was."""
     tensors = load_file(str(snapshot.folder / TENSORS))
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
     saved = {key.removeprefix("model."): value for key, value in tensors.items() if key.startswith("model.")}
@@ -224,14 +232,16 @@ def restore(
     scheduler.load_state_dict(snapshot.state["scheduler"])
     data_generator.set_state(tensors["data.generator"])
     _set_random_states(tensors, snapshot.state["random"])
-    if not main_process:
-        return
+
+
+def restore_files(snapshot: Snapshot, run_path: Path) -> None:
+    """The run's files as they were at the checkpoint (main process, once the run is taken on): train_log.jsonl
+    cut to its length then, prompt/ the best prompt then."""
     log_path = run_path / records.TRAIN_LOG
     if log_path.is_file():
         with open(log_path, "r+b") as handle:
             handle.truncate(snapshot.progress.log_bytes)
     if (snapshot.folder / BEST_PROMPT).is_dir():
-        build = run_path / f".{records.PROMPT_DIR}.build"
-        shutil.rmtree(build, ignore_errors=True)
-        shutil.copytree(snapshot.folder / BEST_PROMPT, build)
-        records.replace_dir(build, run_path / records.PROMPT_DIR)
+        records.build_dir(
+            run_path / records.PROMPT_DIR, lambda build: shutil.copytree(snapshot.folder / BEST_PROMPT, build)
+        )

@@ -6,7 +6,8 @@
 makes the folder, and every rank takes rank 0's resolved folder. Under Hydra's submitit launcher
 with several tasks per job (one per GPU, conf/hydra/launcher/slurm.yaml) it first exports the
 variables PyTorch's `env://` rendezvous reads, through submitit's own helper. Ranks other than 0
-then write no Hydra files, no log file, and nothing on stdout.
+then print nothing on stdout and log nothing; the run's files (`.hydra/`, the log file, the records)
+are written by `run_dir.RunRecord`, on the main process only.
 """
 
 from __future__ import annotations
@@ -120,8 +121,6 @@ class ProcessCallback(Callback):
         chosen = broadcast_object_list([str(config.hydra.run.dir)], from_process=0)[0]
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.run.dir = chosen
-            if not state.is_main_process:
-                config.hydra.output_subdir = None
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         state = init_processes()

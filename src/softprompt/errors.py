@@ -1,13 +1,24 @@
-"""User-facing errors: a mistake the user can fix gets one line and exit status 2, never a traceback."""
+"""User-facing errors: a mistake the user can fix gets one line and exit status 2, never a traceback.
+
+One failure policy for every command (`exit_on_user_error`): a UserError, or a write the file system
+refused (disk full, no permission), is one `error: ...` line on stderr and exit status 2; Ctrl-C
+ends the command with exit status 130 and no traceback. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import errno
 import functools
+import signal
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
 EXIT_USER_ERROR = 2
+# what a shell reports for a process that SIGINT (Ctrl-C) ended
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+# a read or write the file system refused for a reason the user can fix: disk full, quota, permissions, read-only
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 F = TypeVar("F", bound=Callable)
 
@@ -40,15 +51,38 @@ class DataError(UserError):
         super().__init__(f"{where}: {message}" if where else message)
 
 
+class StorageError(UserError):
+    """The file system refused a read or write (disk full, no permission): names the path and the cause."""
+
+    def __init__(self, error: OSError):
+        where = f"{error.filename}: " if error.filename is not None else ""
+        super().__init__(f"{where}{error.strerror or error}")
+
+
+def as_user_error(error: BaseException) -> UserError | None:
+    """The one-line error an exception is for the user, or None for a bug (which keeps its traceback)."""
+    if isinstance(error, UserError):
+        return error
+    if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+        return StorageError(error)
+    return None
+
+
 def exit_on_user_error(main: F) -> F:
-    """Wrap a command's entry point so a UserError prints one line on stderr and exits with status 2."""
+    """Wrap a command's entry point in the failure policy: a user error is one line on stderr and exit status 2,
+    Ctrl-C is exit status 130, neither with a traceback."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
+        except KeyboardInterrupt:
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as error:
+            user_error = as_user_error(error)
+            if user_error is None:
+                raise
+            print(f"error: {user_error}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper  # type: ignore[return-value]

@@ -13,6 +13,8 @@ import hashlib
 import json
 import logging
 import re
+import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from softprompt import run_dir as records
 from softprompt.config import MethodConfig
+from softprompt.run_dir import KEY_FIELD
 
 log = logging.getLogger("softprompt")
 
@@ -38,7 +41,6 @@ NON_RESULT_KEYS = (
     "trainer.gradient_checkpointing",
     "trainer.compile",
 )
-KEY_FIELD = "config_key"
 KEY_LENGTH = 10
 
 
@@ -107,7 +109,18 @@ if not OmegaConf.has_resolver("softprompt_job"):
 
 
 class ReportCallback(Callback):
-    """Write the report (tables and figures) into the sweep directory once every job has ended."""
+    """Write the report (tables and figures) into the sweep directory once every job has ended; then, when any
+    job of this multirun failed, one line naming each with its reason, and exit status 1.
+
+    This multirun's jobs are those whose record it wrote (jobs skipped as completed earlier are not
+    touched), so failures left in the same sweep directory by an earlier sweep do not count.
+    """
+
+    def __init__(self) -> None:
+        self.started = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from softprompt.report import write_report
@@ -115,3 +128,13 @@ class ReportCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         written = write_report([sweep_dir], sweep_dir)
         print(f"report: {written['markdown']}")
+        jobs = [
+            path.parent
+            for path in sorted(sweep_dir.glob(f"*/{records.METRICS}"))
+            if path.stat().st_mtime >= self.started
+        ]
+        failed = {job.name: records.read_json(job / records.METRICS) for job in jobs if records.status(job) == "failed"}
+        if failed:
+            reasons = "; ".join(f"{name}: {record.get('reason')}" for name, record in failed.items())
+            print(f"{len(failed)} of {len(jobs)} jobs failed: {reasons}", file=sys.stderr)
+            sys.exit(1)

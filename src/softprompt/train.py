@@ -1,7 +1,10 @@
 """softprompt-train: tune one soft prompt on a frozen model, from a Hydra config.
 
-The whole recipe reads top to bottom in `train`: task, backbone, prompt, scorer, the Accelerate
-loop with evaluation and early stopping, and the run directory's records.
+The recipe reads top to bottom from `train`: `setup` (task, backbone, method, scorer, data,
+optimiser; nothing written), `start_or_resume` (the run directory taken on through its RunRecord,
+or a checkpoint continued), `run_steps` (the Accelerate loop with evaluation and early stopping)
+and `finish` (the record completed, failed or preempted). One `Run` holds what the steps share.
+Prompt design, which trains nothing, goes through the same setup and finish.
 """
 
 from __future__ import annotations
@@ -10,13 +13,13 @@ import gc
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import hydra
 import torch
@@ -25,6 +28,7 @@ from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
@@ -34,9 +38,9 @@ from softprompt import run_dir as records
 from softprompt.cli import CONF_DIR, compose_config, compose_or_exit, job_overrides, split_argv
 from softprompt.config import TrainConfig, TrainerConfig, flatten, register_configs, validate
 from softprompt.distributed import check_launch
-from softprompt.errors import ConfigError, UserError, exit_on_user_error
+from softprompt.errors import EXIT_USER_ERROR, ConfigError, UserError, as_user_error, exit_on_user_error
 from softprompt.method import RENDERED_PROMPTS, build_model, parameter_counts, trains, write_rendered_prompts
-from softprompt.pipeline import build_pipeline, evaluate, make_loader
+from softprompt.pipeline import Pipeline, build_pipeline, evaluate, make_loader
 from softprompt.scorer import PromptedModel
 
 log = logging.getLogger("softprompt")
@@ -61,23 +65,22 @@ def make_scheduler(cfg: TrainerConfig, optimizer: torch.optim.Optimizer):
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max(cfg.max_steps, 1))
 
 
-def save_prompt(accelerator: Accelerator, model: PromptedModel, run_path: Path) -> None:
+def save_prompt(run: Run) -> None:
     """What was trained, swapped in atomically (readers never see half a prompt): the adapter in PEFT's
     own format, or for model tuning the whole model in transformers' (safetensors)."""
-    if not accelerator.is_main_process:
-        return
-    build = run_path / f".{records.PROMPT_DIR}.build"
-    accelerator.unwrap_model(model).peft_model.save_pretrained(build)
-    records.replace_dir(build, run_path / records.PROMPT_DIR)
+    if run.record.main:
+        peft_model = run.accelerator.unwrap_model(run.model).peft_model
+        records.build_dir(run.record.path / records.PROMPT_DIR, peft_model.save_pretrained)
 
 
 # a preempted run exits with 128 + the signal's number, as a shell reports a process that signal ended
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
 class Preemption:
-    """SIGTERM (what a cluster scheduler sends) and SIGUSR2 (submitit's preemption signal) become a
-    flag the loop checks between steps: it then writes a checkpoint and `exit` ends the process.
+    """SIGTERM (what a cluster scheduler sends), SIGUSR2 (submitit's preemption signal) and SIGINT (Ctrl-C)
+    become a flag the loop checks between steps: it then writes a checkpoint and `exit` ends the process.
+    A second Ctrl-C stops at once (a KeyboardInterrupt: the run is marked preempted, its last checkpoint kept).
 
     A handler installed before ours (submitit's requeue) is called on the way out, so a requeued
     job starts the same run directory again and resumes from that checkpoint.
@@ -94,6 +97,8 @@ class Preemption:
         return self
 
     def _catch(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt
         self.signum = signum
 
     def __exit__(self, *exc_info: object) -> None:
@@ -110,7 +115,7 @@ class Preemption:
     def exit(self) -> NoReturn:
         signum = self.signum or signal.SIGTERM
         previous = self._previous.get(signum)
-        if callable(previous):
+        if callable(previous) and previous is not signal.default_int_handler:
             previous(signum, None)
         sys.exit(128 + signum)
 
@@ -131,50 +136,69 @@ def _divergence(
     return f"{what} at step {step} (trainer.lr={cfg.lr}); training stopped before that update, prompt/ keeps the best prompt (step {best_step})"
 
 
-def _start_over(run_path: Path) -> None:
-    """No checkpoint to resume from: drop what an earlier attempt left, so no stale record survives."""
-    for name in (checkpoint.CHECKPOINT_DIR, records.PROMPT_DIR):
-        shutil.rmtree(run_path / name, ignore_errors=True)
-    (run_path / records.TRAIN_LOG).unlink(missing_ok=True)
-    metrics = run_path / records.METRICS
-    if metrics.is_file():
-        kept = {key: value for key, value in records.read_json(metrics).items() if key == sweep.KEY_FIELD}
-        records.write_json(metrics, {**kept, "status": "running"})
+@dataclass
+class Run:
+    """What the steps of one run share: built by `setup`, advanced by the step loop, read by `finish`.
+    The optimiser, scheduler and training data exist only for a method that trains."""
+
+    cfg: TrainConfig
+    record: records.RunRecord
+    accelerator: Accelerator
+    pipeline: Pipeline
+    model: PromptedModel
+    eval_loader: DataLoader
+    identity: dict
+    counts: dict
+    train_loader: DataLoader | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    # the shuffle's generator: its state at an epoch's start fixes that epoch's order
+    data_order: torch.Generator | None = None
+    trainable: list[torch.nn.Parameter] = field(default_factory=list)
+    progress: checkpoint.Progress = field(default_factory=checkpoint.Progress)
+    epoch_data_state: torch.Tensor | None = None
+    # perf_counter at step 0 (earlier attempts' seconds included), and at the open log window's start
+    started: float = 0.0
+    window_start: float = 0.0
+    last_step: int = 0
+    failure: str | None = None
+    preempted: bool = False
 
 
-def train(cfg: TrainConfig, run_path: Path) -> dict:
+def train(cfg: TrainConfig, run_path: Path, record: records.RunRecord | None = None) -> dict:
     """One tuning run, end to end; returns the final metrics record.
 
     With a checkpoint in `run_path` (trainer.resume auto or must) the run continues exactly where
-    it stopped; one that completed earlier with this config returns its record without training.
-    SIGTERM/SIGUSR2 end it with a checkpoint, status `preempted` and exit status 128 + signal; a
-    non-finite loss ends it as `failed` (a UserError); any other exception marks it `failed` too.
+    it stopped; one that completed earlier with this config returns its record without training
+    or writing anything. SIGTERM/SIGUSR2/SIGINT end it with a checkpoint, status `preempted` and
+    exit status 128 + signal; a non-finite loss ends it as `failed` (a UserError); any other
+    exception marks it `failed` too. `record` (default: a RunRecord of `run_path`) writes the run's files.
     """
+    if record is None:
+        with records.RunRecord(run_path) as record:
+            return train(cfg, run_path, record)
     snapshot = checkpoint.find(run_path, cfg)
     if snapshot is not None and snapshot.progress.result is not None:
         log.info("%s completed earlier with this config: nothing to train", run_path)
-        if PartialState().is_main_process:
-            records.mark(run_path, "completed", **snapshot.progress.result)
         return snapshot.progress.result
     with Preemption() as preemption:
-        try:
-            if not trains(cfg):
-                return _evaluate_design(cfg, run_path)
-            result = _train(cfg, run_path, snapshot, preemption)
-        except Exception as error:
-            if (
-                not isinstance(error, UserError)
-                and PartialState().is_main_process
-                and records.status(run_path) == "running"
-            ):
-                records.mark(run_path, "failed", reason=f"{type(error).__name__}: {error}")
-            raise
+        run = setup(cfg, record)
+        # a signal while loading: there is no step to finish, and nothing is written
+        run.preempted = preemption.requested(run.accelerator)
+        if run.preempted:
+            finish(run, preemption)
+        if trains(cfg):
+            start_or_resume(run, snapshot)
+            run_steps(run, preemption)
+            result = finish(run, preemption, **_timing(run))
+        else:
+            result = finish(run, preemption, **_evaluate_design(run))
     _close_process_group()
     return result
 
 
 def _close_process_group() -> None:
-    """All ranks meet, then the process group goes, after _train has let go of the DDP model: destroyed before it,
+    """All ranks meet, then the process group goes, after the run has let go of the DDP model: destroyed before it,
     the group was freed later by the model's reducer, which now and then hung in gloo's destructor at exit."""
     if torch.distributed.is_initialized():
         gc.collect()
@@ -182,16 +206,18 @@ def _close_process_group() -> None:
         PartialState().destroy_process_group()
 
 
-def _train(cfg: TrainConfig, run_path: Path, snapshot: checkpoint.Snapshot | None, preemption: Preemption) -> dict:
+def setup(cfg: TrainConfig, record: records.RunRecord) -> Run:
+    """Task, backbone, method, scorer, data, optimiser: everything loaded and checked. Writes nothing."""
+    training = trains(cfg)
     accelerator = Accelerator(
         mixed_precision=cfg.trainer.mixed_precision,
-        gradient_accumulation_steps=cfg.trainer.grad_accum,
-        log_with=cfg.trainer.log_with,
-        project_dir=str(run_path),
+        gradient_accumulation_steps=cfg.trainer.grad_accum if training else 1,
+        log_with=cfg.trainer.log_with if training else None,
+        project_dir=str(record.path),
     )
     set_seed(cfg.seed)
     pipeline = build_pipeline(cfg)
-    task, backbone, scorer = pipeline.task, pipeline.backbone, pipeline.scorer
+    backbone, scorer = pipeline.backbone, pipeline.scorer
     peft_model = build_model(backbone, cfg, pipeline.label_token_ids, head=scorer == "head", seed=cfg.seed)
     counts = parameter_counts(peft_model, cfg.method.name, backbone.num_params)
     model = PromptedModel(
@@ -203,8 +229,17 @@ def _train(cfg: TrainConfig, run_path: Path, snapshot: checkpoint.Snapshot | Non
         cfg.trainer.gradient_checkpointing,
         cfg.trainer.compile,
     )
+    identity = {
+        "method": cfg.method.name,
+        "model": backbone.name,
+        "model_params": backbone.num_params,
+        "task": pipeline.task.name,
+        "scorer": scorer,
+    }
+    if not training:
+        model, eval_loader = accelerator.prepare(model, make_loader(pipeline, "validation", training=False))
+        return Run(cfg, record, accelerator, pipeline, model, eval_loader, identity, counts)
     train_loader = make_loader(pipeline, "train", training=True, seed=cfg.seed)
-    # the shuffle's generator: its state at an epoch's start fixes that epoch's order
     data_order = train_loader.generator
     eval_loader = make_loader(pipeline, "validation", training=False)
     optimizer = make_optimizer(cfg.trainer, [p for p in model.parameters() if p.requires_grad])
@@ -212,238 +247,246 @@ def _train(cfg: TrainConfig, run_path: Path, snapshot: checkpoint.Snapshot | Non
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    main = accelerator.is_main_process
+    run = Run(cfg, record, accelerator, pipeline, model, eval_loader, identity, counts, train_loader, optimizer)
+    run.scheduler, run.data_order = scheduler, data_order
+    run.trainable = [p for p in model.parameters() if p.requires_grad]
+    return run
 
-    if snapshot is None:
-        progress = checkpoint.Progress()
-        if main:
-            _start_over(run_path)
-    else:
-        progress = snapshot.progress
-        checkpoint.restore(snapshot, run_path, accelerator.unwrap_model(model), optimizer, scheduler, data_order, main)
-        accelerator.step = progress.accelerator_step
-    env = records.environment(
-        accelerator.num_processes, str(accelerator.device), cfg.trainer.batch_size, cfg.trainer.grad_accum, cfg.seed
+
+def begin(run: Run, fresh: bool) -> None:
+    """The command takes the run on (RunRecord.start): an earlier attempt's files go when it starts over; then the
+    reproducibility records, env.json and task.json."""
+    record, task = run.record, run.pipeline.task
+    record.start(fresh=fresh, **run.identity)
+    if fresh and record.main:
+        checkpoint.start_over(record.path)
+    accelerator, trainer = run.accelerator, run.cfg.trainer
+    record.write(
+        records.ENV,
+        records.environment(
+            accelerator.num_processes,
+            str(accelerator.device),
+            trainer.batch_size,
+            accelerator.gradient_accumulation_steps,
+            run.cfg.seed,
+        ),
     )
-    identity = {
-        "method": cfg.method.name,
-        "model": backbone.name,
-        "model_params": backbone.num_params,
-        "task": task.name,
-        "scorer": scorer,
-    }
-    if main:
-        records.write_json(run_path / records.ENV, env)
-        records.write_json(
-            run_path / "task.json",
-            {"name": task.name, "splits": task.provenance, "counts": {s: len(r) for s, r in task.rows.items()}},
-        )
-        records.mark(run_path, "running", **identity)
+    record.write(
+        records.TASK,
+        {"name": task.name, "splits": task.provenance, "counts": {s: len(r) for s, r in task.rows.items()}},
+    )
+
+
+def start_or_resume(run: Run, snapshot: checkpoint.Snapshot | None) -> None:
+    """Resume from the checkpoint (its states loaded and checked before the run is taken on), or start: evaluate
+    step 0 and save that prompt."""
+    if snapshot is not None:
+        run.progress = snapshot.progress
+        model = run.accelerator.unwrap_model(run.model)
+        checkpoint.restore(snapshot, model, run.optimizer, run.scheduler, run.data_order)
+        run.accelerator.step = run.progress.accelerator_step
+    begin(run, fresh=snapshot is None)
+    cfg = run.cfg
     if cfg.trainer.log_with:
         tracked = flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), scalars=True)
-        accelerator.init_trackers(
+        run.accelerator.init_trackers(
             "softprompt", config={key: value for key, value in tracked.items() if value is not None}
         )
+    if snapshot is not None:
+        if run.record.main:
+            checkpoint.restore_files(snapshot, run.record.path)
+        log.info("resumed from %s at step %d", snapshot.folder, run.progress.step)
+        return
+    progress = run.progress
+    progress.initial = progress.best = _evaluate(run)
+    save_prompt(run)
+    log.info("step 0: %s", _describe(progress.initial))
 
-    main_metric = cfg.task.main_metric
-    if snapshot is None:
-        progress.initial = progress.best = evaluate(model, eval_loader, accelerator, task, cfg.trainer.progress_bar)
-        save_prompt(accelerator, model, run_path)
-        log.info("step 0: %s", _describe(progress.initial))
-    else:
-        log.info("resumed from %s at step %d", snapshot.folder, progress.step)
 
-    def save_checkpoint() -> None:
-        progress.seconds = time.perf_counter() - started
-        progress.accelerator_step = accelerator.step
-        log_path = run_path / records.TRAIN_LOG
-        progress.log_bytes = log_path.stat().st_size if log_path.is_file() else 0
-        if main:
-            checkpoint.save(
-                run_path, cfg, progress, accelerator.unwrap_model(model), optimizer, scheduler, epoch_data_state
-            )
-
-    checkpoint_every = cfg.trainer.checkpoint_every or cfg.trainer.eval_every
-    last_step = cfg.trainer.max_steps
-    started = time.perf_counter() - progress.seconds
-    window_start = time.perf_counter()
-    bar = tqdm(total=last_step, initial=progress.step, desc="train", disable=not main or not cfg.trainer.progress_bar)
-    model.train()
-    done, failure, preempted = progress.step >= last_step, None, False
-    epoch_data_state = data_order.get_state()
-    while not (done or failure or preempted):
-        epoch_data_state = data_order.get_state()
-        # a resumed epoch replays the same shuffle and skips the batches already trained on
-        loader = (
-            accelerator.skip_first_batches(train_loader, progress.batches_in_epoch)
-            if progress.batches_in_epoch
-            else train_loader
-        )
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = model(batch).loss
-                accelerator.backward(loss)
-                loss_value = accelerator.reduce(loss.detach(), "mean").item()
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.trainer.max_grad_norm or math.inf)
-                failure = _divergence(loss_value, grad_norm, cfg.trainer, progress.step + 1, progress.best_step)
-                if failure:
-                    break
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            progress.batches_in_epoch += 1
-            rows = batch["labels"].shape[0] * accelerator.num_processes
-            progress.samples += rows
-            progress.window_samples += rows
-            progress.window_loss += loss_value
-            progress.window_batches += 1
+def run_steps(run: Run, preemption: Preemption) -> None:
+    """The step loop: until trainer.max_steps, an early stop, a divergence or a preemption signal. A resumed
+    epoch replays the same shuffle and skips the batches already trained on."""
+    trainer, progress, accelerator = run.cfg.trainer, run.progress, run.accelerator
+    checkpoint_every = trainer.checkpoint_every or trainer.eval_every
+    run.last_step = trainer.max_steps
+    run.started = time.perf_counter() - progress.seconds
+    run.window_start = time.perf_counter()
+    main = run.record.main
+    bar = tqdm(total=run.last_step, initial=progress.step, desc="train", disable=not main or not trainer.progress_bar)
+    run.model.train()
+    done = progress.step >= run.last_step
+    run.epoch_data_state = run.data_order.get_state()
+    while not (done or run.failure or run.preempted):
+        run.epoch_data_state = run.data_order.get_state()
+        skipped = progress.batches_in_epoch
+        batches = accelerator.skip_first_batches(run.train_loader, skipped) if skipped else run.train_loader
+        for batch in batches:
+            if not _learn(run, batch):
+                break
             if not accelerator.sync_gradients:
                 continue
             progress.step += 1
             bar.update(1)
-            if progress.step % cfg.trainer.log_every == 0 or progress.step == last_step:
-                now = time.perf_counter()
-                entry = {
-                    "step": progress.step,
-                    "loss": round(progress.window_loss / progress.window_batches, 6),
-                    "lr": scheduler.get_last_lr()[0],
-                    "samples_per_second": round(progress.window_samples / max(now - window_start, 1e-9), 2),
-                }
-                bar.set_postfix(loss=entry["loss"])
-                if main:
-                    records.append_log(run_path, entry)
-                accelerator.log({"train/loss": entry["loss"], "train/lr": entry["lr"]}, step=progress.step)
-                progress.window_samples, progress.window_batches, progress.window_loss, window_start = 0, 0, 0.0, now
-            if progress.step % cfg.trainer.eval_every == 0 or progress.step == last_step:
-                current = evaluate(model, eval_loader, accelerator, task, cfg.trainer.progress_bar)
-                accelerator.log({f"eval/{key}": value for key, value in current.items()}, step=progress.step)
-                log.info("step %d: %s", progress.step, _describe(current))
-                if current[main_metric] > progress.best[main_metric]:
-                    progress.best, progress.best_step, progress.stale = current, progress.step, 0
-                    save_prompt(accelerator, model, run_path)
-                else:
-                    progress.stale += 1
-                if cfg.trainer.early_stopping_patience and progress.stale >= cfg.trainer.early_stopping_patience:
-                    log.info(
-                        "early stop at step %d: no gain in %s for %d evaluations",
-                        progress.step,
-                        main_metric,
-                        progress.stale,
-                    )
-                    last_step = progress.step
-            done = progress.step >= last_step
-            preempted = preemption.requested(accelerator)
-            if preempted or (not done and progress.step % checkpoint_every == 0):
-                save_checkpoint()
-            if done or preempted:
+            done = _after_step(run, bar)
+            run.preempted = preemption.requested(accelerator)
+            if run.preempted or (not done and progress.step % checkpoint_every == 0):
+                save_checkpoint(run)
+            if done or run.preempted:
                 break
         else:
             progress.epoch += 1
             progress.batches_in_epoch = 0
     bar.close()
-    seconds = time.perf_counter() - started
     for tracker in accelerator.trackers:
         tracker.finish()
 
-    if preempted:
-        reason = f"stopped by {signal.Signals(preemption.signum or signal.SIGTERM).name} at step {progress.step}; start the same run again to resume from its checkpoint"
-        if main:
-            records.mark(run_path, "preempted", reason=reason)
-        log.warning(reason)
-        preemption.exit()
-    result = {
-        **identity,
-        "eval": progress.best,
-        "initial_eval": progress.initial,
-        "main_metric": main_metric,
-        "eval_examples": len(task.examples["validation"]),
-        "best_step": progress.best_step,
-        "steps": progress.step,
-        "trainable_params": counts,
+
+def _learn(run: Run, batch: dict) -> bool:
+    """One micro-batch forward and backward, and the optimiser step when gradients sync; False (and
+    `run.failure` says why) when the update would diverge, which is then not applied."""
+    accelerator, progress = run.accelerator, run.progress
+    with accelerator.accumulate(run.model):
+        loss = run.model(batch).loss
+        accelerator.backward(loss)
+        loss_value = accelerator.reduce(loss.detach(), "mean").item()
+        grad_norm = None
+        if accelerator.sync_gradients:
+            grad_norm = accelerator.clip_grad_norm_(run.trainable, run.cfg.trainer.max_grad_norm or math.inf)
+        run.failure = _divergence(loss_value, grad_norm, run.cfg.trainer, progress.step + 1, progress.best_step)
+        if run.failure:
+            return False
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad()
+    progress.batches_in_epoch += 1
+    rows = batch["labels"].shape[0] * accelerator.num_processes
+    progress.samples += rows
+    progress.window_samples += rows
+    progress.window_loss += loss_value
+    progress.window_batches += 1
+    return True
+
+
+def _after_step(run: Run, bar: tqdm) -> bool:
+    """The log line and the evaluation a step is due for (with early stopping); whether training is done."""
+    trainer, progress = run.cfg.trainer, run.progress
+    if progress.step % trainer.log_every == 0 or progress.step == run.last_step:
+        now = time.perf_counter()
+        entry = {
+            "step": progress.step,
+            "loss": round(progress.window_loss / progress.window_batches, 6),
+            "lr": run.scheduler.get_last_lr()[0],
+            "samples_per_second": round(progress.window_samples / max(now - run.window_start, 1e-9), 2),
+        }
+        bar.set_postfix(loss=entry["loss"])
+        run.record.append_log(entry)
+        run.accelerator.log({"train/loss": entry["loss"], "train/lr": entry["lr"]}, step=progress.step)
+        progress.window_samples, progress.window_batches, progress.window_loss = 0, 0, 0.0
+        run.window_start = now
+    if progress.step % trainer.eval_every == 0 or progress.step == run.last_step:
+        _evaluate_step(run)
+    return progress.step >= run.last_step
+
+
+def _evaluate_step(run: Run) -> None:
+    """Evaluate at this step: a better prompt is saved, and trainer.early_stopping_patience evaluations without
+    a gain end training here."""
+    progress, main_metric, patience = run.progress, run.cfg.task.main_metric, run.cfg.trainer.early_stopping_patience
+    current = _evaluate(run)
+    run.accelerator.log({f"eval/{key}": value for key, value in current.items()}, step=progress.step)
+    log.info("step %d: %s", progress.step, _describe(current))
+    if current[main_metric] > progress.best[main_metric]:
+        progress.best, progress.best_step, progress.stale = current, progress.step, 0
+        save_prompt(run)
+    else:
+        progress.stale += 1
+    if patience and progress.stale >= patience:
+        log.info("early stop at step %d: no gain in %s for %d evaluations", progress.step, main_metric, progress.stale)
+        run.last_step = progress.step
+
+
+def save_checkpoint(run: Run) -> None:
+    progress = run.progress
+    progress.seconds = time.perf_counter() - run.started
+    progress.accelerator_step = run.accelerator.step
+    log_path = run.record.path / records.TRAIN_LOG
+    progress.log_bytes = log_path.stat().st_size if log_path.is_file() else 0
+    if run.record.main:
+        model = run.accelerator.unwrap_model(run.model)
+        checkpoint.save(run.record.path, run.cfg, progress, model, run.optimizer, run.scheduler, run.epoch_data_state)
+
+
+def _timing(run: Run) -> dict:
+    seconds = time.perf_counter() - run.started
+    return {
         "train_seconds": round(seconds, 3),
-        "train_samples_per_second": round(progress.samples / seconds, 3) if seconds > 0 else 0.0,
-        "seed": cfg.seed,
+        "train_samples_per_second": round(run.progress.samples / seconds, 3) if seconds > 0 else 0.0,
     }
-    if failure:
-        if main:
-            records.mark(run_path, "failed", reason=failure, **result)
-        raise UserError(failure)
-    progress.result = result
-    save_checkpoint()
-    if main:
-        records.mark(run_path, "completed", **result)
-    return result
 
 
-def _evaluate_design(cfg: TrainConfig, run_path: Path) -> dict:
+def _evaluate_design(run: Run) -> dict:
     """method=prompt_design: nothing trains. Evaluate the instruction and demonstrations once, and write the
     exact text of the first validation rows to rendered_prompts.txt, for the user to read and edit."""
-    accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision)
-    set_seed(cfg.seed)
-    pipeline = build_pipeline(cfg)
-    task, backbone = pipeline.task, pipeline.backbone
-    model = PromptedModel(
-        build_model(backbone, cfg, pipeline.label_token_ids, head=False, seed=cfg.seed),
-        backbone.kind,
-        pipeline.scorer,
-        cfg.scorer.reduction,
-    )
-    eval_loader = make_loader(pipeline, "validation", training=False)
-    model, eval_loader = accelerator.prepare(model, eval_loader)
-    main = accelerator.is_main_process
-    identity = {
-        "method": cfg.method.name,
-        "model": backbone.name,
-        "model_params": backbone.num_params,
-        "task": task.name,
-        "scorer": pipeline.scorer,
-    }
-    if main:
-        _start_over(run_path)
-        records.write_json(
-            run_path / records.ENV,
-            records.environment(
-                accelerator.num_processes, str(accelerator.device), cfg.trainer.batch_size, 1, cfg.seed
-            ),
-        )
-        records.write_json(
-            run_path / "task.json",
-            {"name": task.name, "splits": task.provenance, "counts": {s: len(r) for s, r in task.rows.items()}},
-        )
+    pipeline, cfg = run.pipeline, run.cfg
+    begin(run, fresh=True)
+    if run.record.main:
         write_rendered_prompts(
-            run_path / RENDERED_PROMPTS,
-            task,
+            run.record.path / RENDERED_PROMPTS,
+            pipeline.task,
             pipeline.tokenizer,
             pipeline.max_length,
             cfg.method.show_rows,
             pipeline.context,
         )
-        records.mark(run_path, "running", **identity)
     started = time.perf_counter()
-    metrics = evaluate(model, eval_loader, accelerator, task, cfg.trainer.progress_bar)
+    run.progress.initial = run.progress.best = _evaluate(run)
     seconds = time.perf_counter() - started
-    log.info("prompt design, %d demonstrations: %s", cfg.method.num_demonstrations, _describe(metrics))
-    result = {
-        **identity,
-        "eval": metrics,
-        "initial_eval": metrics,
-        "main_metric": cfg.task.main_metric,
-        "eval_examples": len(task.examples["validation"]),
-        "best_step": 0,
-        "steps": 0,
-        "trainable_params": parameter_counts(model, cfg.method.name, backbone.num_params),
+    log.info("prompt design, %d demonstrations: %s", cfg.method.num_demonstrations, _describe(run.progress.best))
+    return {
         "context_tokens": pipeline.context_tokens,
         "train_seconds": 0.0,
         "eval_seconds": round(seconds, 3),
         "train_samples_per_second": 0.0,
-        "seed": cfg.seed,
     }
-    if main:
-        records.mark(run_path, "completed", **result)
+
+
+def finish(run: Run, preemption: Preemption, **measured: float) -> dict:
+    """The run's end in its record: preempted (exits), failed (raises), or completed with its checkpoint."""
+    progress = run.progress
+    if run.preempted:
+        signame = signal.Signals(preemption.signum or signal.SIGTERM).name
+        reason = (
+            f"stopped by {signame} at step {progress.step}; start the same run again to resume from its checkpoint"
+            if run.record.started
+            else f"stopped by {signame} while loading, before the run started: nothing was written"
+        )
+        run.record.preempt(reason)
+        log.warning(reason)
+        preemption.exit()
+    result = {
+        **run.identity,
+        "eval": progress.best,
+        "initial_eval": progress.initial,
+        "main_metric": run.cfg.task.main_metric,
+        "eval_examples": len(run.pipeline.task.examples["validation"]),
+        "best_step": progress.best_step,
+        "steps": progress.step,
+        "trainable_params": run.counts,
+        **measured,
+        "seed": run.cfg.seed,
+    }
+    if run.failure:
+        run.record.fail(run.failure, **result)
+        raise UserError(run.failure)
+    if run.optimizer is not None:
+        progress.result = result
+        save_checkpoint(run)
+    run.record.complete(**result)
     return result
+
+
+def _evaluate(run: Run) -> dict:
+    return evaluate(run.model, run.eval_loader, run.accelerator, run.pipeline.task, run.cfg.trainer.progress_bar)
 
 
 def _describe(metrics: dict) -> str:
@@ -496,30 +539,35 @@ def hydra_main(raw: DictConfig) -> float | None:
         # a rerun of the same sweep: this job's results are already here
         print(f"skipped, completed earlier with the same config: {run_path}")
         return done["eval"][done["main_metric"]]
-    fresh = records.status(run_path) is None
-    # under a multi-process launch every rank runs this function; one writes the record and speaks
-    main_process = PartialState().is_main_process
+    hydra_files = {
+        "config.yaml": OmegaConf.to_yaml(raw),
+        "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
+        "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task),
+    }
+    record = records.RunRecord(
+        run_path,
+        key,
+        new_folders=records.new_folders(run_path),
+        hydra_files=hydra_files,
+        log_name=f"{hydra_cfg.job.name}.log",
+    )
     try:
-        cfg = validate(raw)
-        if main_process:
-            records.mark(run_path, "running", **{sweep.KEY_FIELD: key})
-        result = train(cfg, run_path)
-    except UserError as error:
-        if not main_process:
-            sys.exit(2)
-        print(f"error: {error}", file=sys.stderr)
+        with record:
+            if multirun:
+                # a sweep's job folder is the sweep's own: a job that fails is recorded there, the others go on
+                record.start()
+            result = train(validate(raw), run_path, record)
+    except Exception as error:
+        user_error = as_user_error(error)
+        if user_error is None:
+            raise
+        # under a multi-process launch every rank runs this function; one writes the record and speaks
+        if record.main:
+            print(f"error: {user_error}", file=sys.stderr)
         if multirun:
-            # one bad job of a sweep is recorded as failed; the other jobs go on
-            records.mark(run_path, "failed", reason=str(error), **{sweep.KEY_FIELD: key})
             return None
-        # a run that failed while training (divergence) recorded it and keeps its directory
-        if fresh and records.status(run_path) != "failed":
-            logging.shutdown()
-            shutil.rmtree(run_path, ignore_errors=True)
-        else:
-            records.mark(run_path, "failed", reason=str(error))
-        sys.exit(2)
-    if main_process:
+        sys.exit(EXIT_USER_ERROR)
+    if record.main:
         print(summary(result, run_path))
     return result["eval"][result["main_metric"]]
 

@@ -147,12 +147,10 @@ class AccelerateLauncher(Launcher):
             ret.status, ret.return_value = JobStatus.COMPLETED, record["eval"][record["main_metric"]]
             return ret
         if records.status(job_dir) != "failed":
-            records.mark(
-                job_dir,
-                "failed",
-                reason=reason or f"accelerate launch exited with status {code}",
-                **{sweep.KEY_FIELD: key},
-            )
+            # the sweep's own job folder: its record says the job failed, and why
+            record = records.RunRecord(job_dir, key, main=True)
+            record.start()
+            record.fail(reason or f"accelerate launch exited with status {code}")
         if reason:
             # a mistake in this job's config or data, recorded like any failed job of a sweep
             ret.status, ret.return_value = JobStatus.COMPLETED, None

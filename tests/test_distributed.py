@@ -120,7 +120,8 @@ def test_distributed_sweep_runs_each_job_as_its_own_accelerate_launch_and_resume
     ]
     # the third job's config is wrong (init=text without a text): it fails alone, the others go on
     first = run_cli("softprompt.train", *common, "prompt.init=class_labels,random_uniform,text")
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert "1 of 3 jobs failed: " in first.stdout + first.stderr
     sweep_dir = tmp_path / "sweeps" / "multirun"
     jobs = sorted(path for path in sweep_dir.iterdir() if path.is_dir() and not path.name.startswith("."))
     assert len(jobs) == 3

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from conftest import ROOT, quick_overrides, run_cli
+from helpers import ROOT, quick_overrides, run_cli
 from softprompt.cli import compose_config
 from softprompt.config import INITS, validate
 from softprompt.errors import UserError

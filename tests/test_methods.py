@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 from transformers.pytorch_utils import Conv1D
 
-from conftest import quick_overrides, run_cli
+from helpers import make_run, peft_scores, quick_overrides, run_cli
 from softprompt import run_dir as records
 from softprompt import train as train_module
 from softprompt.cli import compose_config
@@ -23,7 +23,6 @@ from softprompt.pipeline import build_pipeline, make_loader, predict
 from softprompt.report import write_report
 from softprompt.scorer import PromptedModel
 from softprompt.sweep import config_key, job_name
-from test_train import peft_scores
 
 TINY = ["tiny-bert", "tiny-gpt2", "tiny-llama", "tiny-t5"]
 TRAINED = ["prompt_tuning", "model_tuning", "prefix_tuning", "p_tuning", "lora"]
@@ -315,8 +314,6 @@ def test_methods_preset_sweeps_methods_and_models():
 
 def test_report_draws_metric_by_model_size_per_method(tmp_path):
     """Lester Fig. 1 from run folders: one line per method (prompt design per k), model size on a log axis."""
-    from test_report import make_run
-
     points = {  # (model, params) x method -> accuracy, trainable
         ("smollm2-135m", 134_515_008): {
             "model_tuning": (0.9, 134_515_008),

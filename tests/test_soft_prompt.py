@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import quick_overrides
+from helpers import quick_overrides
 from softprompt.backbone import load_backbone
 from softprompt.cli import compose_config
 from softprompt.config import ModelConfig, PromptConfig, validate

@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from softprompt.errors import ConfigError, UserError
 from softprompt.metrics import METRICS
+from softprompt.registry import DEFAULT_METHOD, METHODS, method_spec
 
 INITS = ("random_uniform", "sampled_vocab", "class_labels", "text", "from_file")
 SCORERS = ("auto", "head", "rank", "generate")
@@ -25,17 +26,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 REDUCTIONS = ("sum", "mean")
 RESUME_MODES = ("auto", "never", "must")
-METHODS = ("prompt_tuning", "model_tuning", "prompt_design", "prefix_tuning", "p_tuning", "lora")
 P_TUNING_ENCODERS = ("MLP", "LSTM")
-# the method.* keys each method reads (the others are ignored by it)
-METHOD_KNOBS = {
-    "prompt_tuning": (),
-    "model_tuning": ("ignore_memory_check",),
-    "prompt_design": ("instruction", "num_demonstrations", "demonstration_seed", "separator", "show_rows"),
-    "prefix_tuning": ("prefix_projection", "encoder_hidden_size"),
-    "p_tuning": ("encoder_hidden_size", "encoder_reparameterization_type", "encoder_num_layers", "encoder_dropout"),
-    "lora": ("lora_r", "lora_alpha", "lora_dropout", "target_modules"),
-}
 
 
 @dataclass
@@ -122,7 +113,8 @@ class MethodConfig:
     knob of a method is here (a key that does not apply to the chosen method is ignored).
     """
 
-    name: str = "prompt_tuning"
+    # a method registered in registry.py (a config saved before methods existed names none: prompt tuning)
+    name: str = DEFAULT_METHOD
     # prefix_tuning: reparameterise the prefix through a 2-layer MLP (Li & Liang 2021) of encoder_hidden_size
     prefix_projection: bool = False
     # p_tuning's prompt encoder (and prefix_tuning's projection) hidden size; null: the model width
@@ -281,7 +273,7 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if prompt.init == "from_file" and not prompt.path:
         raise ConfigError("prompt.path", prompt.path, "a prompt folder when prompt.init=from_file")
 
-    _one_of("method.name", method.name, METHODS)
+    _one_of("method.name", method.name, tuple(METHODS))
     if method.encoder_hidden_size is not None:
         _at_least("method.encoder_hidden_size", method.encoder_hidden_size, 1)
     _one_of("method.encoder_reparameterization_type", method.encoder_reparameterization_type, P_TUNING_ENCODERS)
@@ -329,12 +321,8 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if trainer.checkpoint_every is not None:
         _at_least("trainer.checkpoint_every", trainer.checkpoint_every, 1)
     _one_of("trainer.resume", trainer.resume, RESUME_MODES)
-    if trainer.gradient_checkpointing and method.name == "prefix_tuning":
-        raise ConfigError(
-            "trainer.gradient_checkpointing",
-            True,
-            "false with method=prefix_tuning (a checkpointed layer drops the prefix's key/value cache)",
-        )
+    if trainer.gradient_checkpointing and method_spec(method.name).no_gradient_checkpointing:
+        raise ConfigError("trainer.gradient_checkpointing", True, method_spec(method.name).no_gradient_checkpointing)
 
     _at_least("task.max_length", task.max_length, 1)
     for name in task.metrics:

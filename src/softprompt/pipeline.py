@@ -21,6 +21,7 @@ from softprompt.config import TrainConfig
 from softprompt.errors import ConfigError
 from softprompt.method import apply_design, check_method
 from softprompt.metrics import compute_metrics
+from softprompt.registry import method_spec
 from softprompt.scorer import resolve_scorer
 from softprompt.task import Task, load_task
 
@@ -52,7 +53,7 @@ def check_lengths(cfg: TrainConfig, limit: int | None, answer_tokens: int, conte
     """Prompt plus input (plus the answer, for decoders) must fit the model's position embeddings."""
     if limit is None:
         return
-    prompt = cfg.prompt.length if cfg.method.name in ("prompt_tuning", "p_tuning", "prefix_tuning") else 0
+    prompt = cfg.prompt.length if method_spec(cfg.method.name).has_length else 0
     needed = prompt + cfg.task.max_length + answer_tokens + context_tokens
     if context_tokens and needed > limit:
         raise ConfigError(
@@ -88,7 +89,7 @@ def build_pipeline(cfg: TrainConfig, splits: tuple[str, ...] = ("train", "valida
     scorer = resolve_scorer(cfg.scorer, kind, list(cfg.task.scorers))
     label_token_ids = [] if cfg.task.choices_fields else verbalizer_tokens(tokenizer, kind, task.verbalizer)
     check_method(cfg, model_config, kind, scorer)
-    context = apply_design(task, cfg) if cfg.method.name == "prompt_design" else ""
+    context = apply_design(task, cfg) if method_spec(cfg.method.name).design_context else ""
     # one token of slack: the context and the row may merge differently where they meet
     context_tokens = len(tokenizer(context, add_special_tokens=False)["input_ids"]) + 1 if context else 0
     answer_tokens = 0

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from softprompt import run_dir as records
 from softprompt.config import MethodConfig
+from softprompt.registry import DEFAULT_METHOD, METHODS
 
 log = logging.getLogger("softprompt")
 
@@ -72,19 +73,12 @@ def config_key(cfg: DictConfig) -> str:
 
 
 def job_name(cfg: DictConfig) -> str:
-    """A readable folder name for one job that ends in its config key."""
-    method = OmegaConf.select(cfg, "method.name", default="prompt_tuning")
-    if method == "prompt_tuning":
-        parts = [cfg.model.name, cfg.task.name, f"len{cfg.prompt.length}", cfg.prompt.init]
-    elif method == "prompt_design":
-        parts = [cfg.model.name, cfg.task.name, method, f"k{cfg.method.num_demonstrations}"]
-    elif method in ("prefix_tuning", "p_tuning"):
-        parts = [cfg.model.name, cfg.task.name, method, f"len{cfg.prompt.length}"]
-    elif method == "lora":
-        parts = [cfg.model.name, cfg.task.name, method, f"r{cfg.method.lora_r}"]
-    else:
-        parts = [cfg.model.name, cfg.task.name, method]
-    parts += [f"seed{cfg.seed}", config_key(cfg)]
+    """A readable folder name for one job that ends in its config key: model, task, the method's own parts
+    (registry.MethodSpec.job_parts), seed, key."""
+    method = OmegaConf.select(cfg, "method.name", default=DEFAULT_METHOD)
+    # a name no method has fails validation once the job starts; until then its folder is named after it
+    own = METHODS[method].job_parts(cfg) if method in METHODS else [method]
+    parts = [cfg.model.name, cfg.task.name, *own, f"seed{cfg.seed}", config_key(cfg)]
     return "_".join(re.sub(r"[^\w.-]+", "-", str(part)) for part in parts)
 
 

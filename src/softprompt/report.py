@@ -26,8 +26,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from softprompt import run_dir as records  # noqa: E402
 from softprompt.config import flatten  # noqa: E402
 from softprompt.errors import UserError, exit_on_user_error  # noqa: E402
+from softprompt.identity import NON_RESULT_KEYS  # noqa: E402
 from softprompt.registry import DEFAULT_METHOD, METHODS, MethodSpec  # noqa: E402
-from softprompt.sweep import NON_RESULT_KEYS  # noqa: E402
 
 RESULTS_CSV = "results.csv"
 SUMMARY_CSV = "summary.csv"

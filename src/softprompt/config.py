@@ -1,7 +1,9 @@
 """Config schemas: Hydra structured configs, checked before any model or data loads.
 
-The YAML files in `conf/` fill these dataclasses; Hydra rejects unknown keys and wrong types
-on its own, and `validate` adds the rules types cannot express (ranges, allowed names).
+The YAML files in `conf/` fill these dataclasses and own the default values: a field's default here is
+MISSING, or exactly what the YAML files give it (tests/test_config.py composes every file and checks).
+The defaults left here fill keys that configs saved by older versions lack. Hydra rejects unknown keys
+and wrong types on its own, and `validate` adds the rules types cannot express (ranges, allowed names).
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class TaskConfig:
     group_field: Optional[str] = None
     metrics: list[str] = field(default_factory=lambda: ["accuracy"])
     main_metric: str = "accuracy"
-    scorers: list[str] = field(default_factory=lambda: ["head", "rank"])
+    scorers: list[str] = field(default_factory=lambda: ["head", "rank", "generate"])
     max_length: int = 128
     max_train_rows: Optional[int] = None
     max_eval_rows: Optional[int] = None
@@ -153,19 +155,19 @@ class ScorerConfig:
 
 @dataclass
 class TrainerConfig:
-    """The Accelerate training loop."""
+    """The Accelerate training loop; the defaults are conf/trainer/default.yaml's."""
 
-    optimizer: str = "adafactor"
-    lr: float = 0.3
+    optimizer: str = "adamw"
+    lr: float = 0.01
     weight_decay: float = 0.0
     scheduler: str = "constant"
     warmup_steps: int = 0
-    batch_size: int = 32
+    batch_size: int = 16
     eval_batch_size: int = 64
     grad_accum: int = 1
     max_grad_norm: Optional[float] = 1.0
-    max_steps: int = 1000
-    eval_every: int = 100
+    max_steps: int = 150
+    eval_every: int = 25
     # stop after this many evaluations without improvement; null never stops early
     early_stopping_patience: Optional[int] = None
     mixed_precision: str = "no"

@@ -3,6 +3,7 @@ console script, quick overrides, PEFT's own scores as a reference, hand-made run
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -63,7 +64,10 @@ def quick_overrides(model: str = "tiny-bert", steps: int = 4, **extra: str) -> l
 
 def peft_scores(peft_model, pipeline) -> list[list[float]]:
     """Class log-probabilities through PEFT's own forward, one unpadded row at a time, with full logits."""
-    tokenizer, kind = pipeline.tokenizer, pipeline.backbone.kind
+    kind = pipeline.backbone.kind
+    # inputs cut as the product cuts them: decoders keep the end of a long input
+    tokenizer = copy.copy(pipeline.tokenizer)
+    tokenizer.truncation_side = "left" if kind == "decoder" else "right"
     rows = []
     for example in pipeline.task.examples["validation"]:
         encoded = tokenizer(example.text, truncation=True, max_length=pipeline.cfg.task.max_length, return_tensors="pt")

@@ -223,16 +223,16 @@ def design_context(task: Task, cfg: TrainConfig) -> str:
     return "".join(part + method.separator for part in parts)
 
 
-def apply_design(task: Task, cfg: TrainConfig) -> str:
-    """Put the prompt-design context before the text of every row scored (train rows are what demonstrations
-    are drawn from, and stay bare); returns the context."""
-    context = design_context(task, cfg)
-    if context:
-        for split, examples in task.examples.items():
-            if split == "train":
-                continue
-            task.examples[split] = [replace(example, text=context + example.text) for example in examples]
-    return context
+def apply_design(task: Task, context: str) -> Task:
+    """A copy of the task whose scored rows start with the prompt-design context (train rows are what
+    demonstrations are drawn from, and stay bare); the task itself is left as it is."""
+    if not context:
+        return task
+    examples = {
+        split: rows if split == "train" else [replace(example, text=context + example.text) for example in rows]
+        for split, rows in task.examples.items()
+    }
+    return replace(task, examples=examples)
 
 
 def write_rendered_prompts(path: Path, task: Task, tokenizer, max_length: int, rows: int, context: str) -> None:

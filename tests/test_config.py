@@ -22,8 +22,9 @@ from softprompt.config import (
     validate,
 )
 from softprompt.errors import UserError
+from softprompt.method import parameter_counts
 from softprompt.pipeline import build_pipeline
-from softprompt.soft_prompt import attach_prompt, trainable_counts
+from softprompt.soft_prompt import attach_prompt
 
 CONF = ROOT / "conf"
 GROUPS = {
@@ -100,7 +101,7 @@ def test_tiny_model_and_init_combinations_build(model, init):
     peft_model = attach_prompt(
         pipeline.backbone, cfg.prompt, pipeline.label_token_ids, pipeline.scorer == "head", cfg.seed
     )
-    counts = trainable_counts(peft_model)
+    counts = parameter_counts(peft_model, "prompt_tuning", pipeline.backbone.num_params)
     assert counts["prompt"] == cfg.prompt.length * pipeline.backbone.width
     assert counts["head"] == (0 if pipeline.scorer != "head" else pipeline.backbone.width * 2 + 2)
 

@@ -2,21 +2,42 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
+from omegaconf import MISSING, OmegaConf
 
-from conftest import ROOT, quick_overrides, run_cli
+from helpers import ROOT, quick_overrides, run_cli
 from softprompt.cli import compose_config
-from softprompt.config import INITS, validate
+from softprompt.config import (
+    INITS,
+    MethodConfig,
+    ModelConfig,
+    PromptConfig,
+    ScorerConfig,
+    TaskConfig,
+    TrainConfig,
+    TrainerConfig,
+    validate,
+)
 from softprompt.errors import UserError
+from softprompt.method import parameter_counts
 from softprompt.pipeline import build_pipeline
-from softprompt.soft_prompt import attach_prompt, trainable_counts
+from softprompt.soft_prompt import attach_prompt
 
 CONF = ROOT / "conf"
 GROUPS = {
     group: sorted(path.stem for path in (CONF / group).glob("*.yaml"))
-    for group in ("model", "task", "prompt", "trainer")
+    for group in ("model", "task", "prompt", "trainer", "method", "experiment")
+}
+SCHEMAS = {
+    "model": ModelConfig,
+    "task": TaskConfig,
+    "prompt": PromptConfig,
+    "method": MethodConfig,
+    "trainer": TrainerConfig,
+    "scorer": ScorerConfig,
 }
 TINY = ["tiny-bert", "tiny-gpt2", "tiny-llama", "tiny-t5"]
 
@@ -24,9 +45,52 @@ TINY = ["tiny-bert", "tiny-gpt2", "tiny-llama", "tiny-t5"]
 @pytest.mark.parametrize("group,choice", [(g, c) for g, choices in GROUPS.items() for c in choices])
 def test_every_config_file_composes(group, choice):
     cfg = compose_config([f"{group}={choice}"])
-    assert cfg[group] is not None
+    # experiments are `@package _global_` presets: they have no node of their own
+    assert group == "experiment" or cfg[group] is not None
     if group != "task" or choice != "custom":
         validate(cfg)
+
+
+def dataclass_defaults(schema: type) -> dict:
+    """A schema's default values, MISSING ones left out."""
+    defaults = {}
+    for field in dataclasses.fields(schema):
+        if field.default_factory is not dataclasses.MISSING:
+            defaults[field.name] = field.default_factory()
+        elif field.default is not dataclasses.MISSING and field.default is not MISSING:
+            defaults[field.name] = field.default
+    return defaults
+
+
+def composed(overrides: list[str]) -> dict:
+    return OmegaConf.to_container(compose_config(overrides), resolve=True)
+
+
+def test_yaml_files_own_the_defaults():
+    """A schema default is MISSING or exactly the value the YAML files compose to, so no default lives in two
+    places that can disagree. The default composition is train.yaml's defaults list: trainer/default.yaml,
+    prompt/default.yaml, method/prompt_tuning.yaml, and the root's own keys."""
+    root = composed([])
+    for section in ("prompt", "method", "trainer", "scorer"):
+        for key, value in dataclass_defaults(SCHEMAS[section]).items():
+            assert root[section][key] == value, (
+                f"{section}.{key}: the dataclass says {value!r}, the YAML {root[section][key]!r}"
+            )
+    for key, value in dataclass_defaults(TrainConfig).items():
+        if key not in SCHEMAS:
+            assert root[key] == value, key
+    # a model or task file is a choice, not a default: a schema default that every file of the group sets
+    # otherwise is never used, so it must be MISSING or the files' value
+    for group in ("model", "task"):
+        choices = [composed([f"{group}={choice}"])[group] for choice in GROUPS[group]]
+        for key, value in dataclass_defaults(SCHEMAS[group]).items():
+            assert any(choice[key] == value for choice in choices), (
+                f"{group}.{key}: every file of conf/{group} overrides the dataclass default {value!r}"
+            )
+    # and every method file composes onto the schema's knobs without changing their type
+    for choice in GROUPS["method"]:
+        method = composed([f"method={choice}"])["method"]
+        assert method.keys() == dataclass_defaults(MethodConfig).keys()
 
 
 @pytest.mark.parametrize("model,init", list(itertools.product(TINY, INITS[:-1])))
@@ -37,7 +101,7 @@ def test_tiny_model_and_init_combinations_build(model, init):
     peft_model = attach_prompt(
         pipeline.backbone, cfg.prompt, pipeline.label_token_ids, pipeline.scorer == "head", cfg.seed
     )
-    counts = trainable_counts(peft_model)
+    counts = parameter_counts(peft_model, "prompt_tuning", pipeline.backbone.num_params)
     assert counts["prompt"] == cfg.prompt.length * pipeline.backbone.width
     assert counts["head"] == (0 if pipeline.scorer != "head" else pipeline.backbone.width * 2 + 2)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import quick_overrides, run_cli
+from helpers import quick_overrides, run_cli
 from softprompt.cli import compose_config
 from softprompt.distributed import check_launch
 from softprompt.errors import UserError

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from conftest import data_dir
+from helpers import data_dir
 from softprompt.backbone import load_backbone
 from softprompt.batching import candidate_tokens
 from softprompt.method import build_model

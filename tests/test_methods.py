@@ -3,6 +3,7 @@ configs, scorers, loop, checkpoints and report as prompt tuning, with exact trai
 
 from __future__ import annotations
 
+import ast
 import json
 
 import pandas as pd
@@ -12,18 +13,18 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 from transformers.pytorch_utils import Conv1D
 
-from conftest import quick_overrides, run_cli
+from helpers import ROOT, make_run, peft_scores, quick_overrides, run_cli
 from softprompt import run_dir as records
 from softprompt import train as train_module
 from softprompt.cli import compose_config
-from softprompt.config import validate
+from softprompt.config import MethodConfig, validate
 from softprompt.errors import UserError
-from softprompt.method import build_model, check_memory, lora_targets, memory_estimate
+from softprompt.method import build_model, check_memory, memory_estimate
 from softprompt.pipeline import build_pipeline, make_loader, predict
+from softprompt.registry import METHODS, lora_targets
 from softprompt.report import write_report
 from softprompt.scorer import PromptedModel
 from softprompt.sweep import config_key, job_name
-from test_train import peft_scores
 
 TINY = ["tiny-bert", "tiny-gpt2", "tiny-llama", "tiny-t5"]
 TRAINED = ["prompt_tuning", "model_tuning", "prefix_tuning", "p_tuning", "lora"]
@@ -315,8 +316,6 @@ def test_methods_preset_sweeps_methods_and_models():
 
 def test_report_draws_metric_by_model_size_per_method(tmp_path):
     """Lester Fig. 1 from run folders: one line per method (prompt design per k), model size on a log axis."""
-    from test_report import make_run
-
     points = {  # (model, params) x method -> accuracy, trainable
         ("smollm2-135m", 134_515_008): {
             "model_tuning": (0.9, 134_515_008),
@@ -364,3 +363,22 @@ def test_report_draws_metric_by_model_size_per_method(tmp_path):
         assert label in svg
     assert not (tmp_path / "by_prompt_length.png").exists()
     assert "![by_model_size](by_model_size.png)" in written["markdown"].read_text()
+
+
+def test_each_method_is_one_registry_entry_and_one_yaml_file():
+    """Adding a method is a registry entry and a conf/method file; no other module names a method."""
+    files = sorted(path.stem for path in (ROOT / "conf" / "method").glob("*.yaml"))
+    # a file is a registered method's own, or a preset of one (prompt_design_k4)
+    assert {compose_config([f"method={name}"]).method.name for name in files} == set(METHODS)
+    assert set(METHODS) <= set(files)
+    for spec in METHODS.values():
+        assert set(spec.knobs) <= set(MethodConfig.__dataclass_fields__), spec.name
+    modules = sorted((ROOT / "src" / "softprompt").rglob("*.py"))
+    mentions = [
+        f"{path.name}:{node.lineno} {node.value!r}"
+        for path in modules
+        if path.name != "registry.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Constant) and node.value in METHODS
+    ]
+    assert not mentions, "method names outside the registry: " + ", ".join(mentions)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from transformers.activations import GELUTanh, NewGELUActivation
 from transformers.integrations import sdpa_attention
 
-from conftest import quick_overrides
+from helpers import quick_overrides
 from softprompt.backbone import GROUPED_SDPA, load_backbone
 from softprompt.batching import Collator, encode
 from softprompt.cli import compose_config

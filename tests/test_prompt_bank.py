@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 from peft import PeftModel
 
-from conftest import quick_overrides, run_cli
+from helpers import quick_overrides, run_cli
 from softprompt.cli import compose_config
 from softprompt.config import validate
 from softprompt.errors import UserError

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, quick_overrides, run_cli
+from helpers import ROOT, quick_overrides, run_cli
 from softprompt import checkpoint, zoo
 from softprompt import run_dir as records
 from softprompt.cli import compose_config

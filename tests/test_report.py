@@ -6,11 +6,8 @@ import statistics
 
 import pandas as pd
 import pytest
-from omegaconf import OmegaConf
 
-from conftest import run_cli
-from softprompt import run_dir as records
-from softprompt.cli import compose_config
+from helpers import make_run, run_cli
 from softprompt.report import write_report
 
 # (model, parameters, prompt length, seed) -> accuracy
@@ -24,15 +21,6 @@ ACCURACY = {
     ("mpnet-base", 109_486_464, 20, 0): 0.90,
     ("mpnet-base", 109_486_464, 20, 1): 0.94,
 }
-
-
-def make_run(root, name: str, overrides: list[str], metrics: dict | None):
-    run = root / name
-    (run / ".hydra").mkdir(parents=True)
-    OmegaConf.save(compose_config(overrides), run / ".hydra" / "config.yaml")
-    if metrics is not None:
-        records.write_json(run / records.METRICS, metrics)
-    return run
 
 
 def completed(model: str, params: int, length: int, seed: int, value: float) -> dict:

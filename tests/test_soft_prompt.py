@@ -6,11 +6,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import quick_overrides
+from helpers import quick_overrides
 from softprompt.backbone import load_backbone
 from softprompt.cli import compose_config
 from softprompt.config import ModelConfig, PromptConfig, validate
 from softprompt.errors import ConfigError
+from softprompt.method import parameter_counts
 from softprompt.pipeline import build_pipeline
 from softprompt.soft_prompt import (
     PROMPT_KEY,
@@ -18,7 +19,6 @@ from softprompt.soft_prompt import (
     embed_tokens,
     frequency_ranked_ids,
     initial_prompt,
-    trainable_counts,
 )
 
 
@@ -141,4 +141,5 @@ def test_t5_xxl_width_prompt_of_100_counts_409600():
     )
     backbone = load_backbone(cfg)
     peft_model = attach_prompt(backbone, PromptConfig(length=100, init="random_uniform"), [], head=False, seed=0)
-    assert trainable_counts(peft_model) == {"prompt": 409_600, "head": 0, "total": 409_600}
+    counts = parameter_counts(peft_model, "prompt_tuning", backbone.num_params)
+    assert (counts["prompt"], counts["head"], counts["total"]) == (409_600, 0, 409_600)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ROOT, quick_overrides, run_cli
+from helpers import ROOT, quick_overrides, run_cli
 from softprompt.cli import compose_config, job_overrides
 from softprompt.config import validate
 from softprompt.sweep import completed_record, config_key, job_name

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import data_dir, quick_overrides, run_cli
+from helpers import data_dir, quick_overrides, run_cli
 from softprompt.batching import IGNORE
 from softprompt.cli import compose_config
 from softprompt.config import validate

@@ -9,8 +9,7 @@ import torch
 from accelerate import Accelerator
 from peft import PeftModel
 
-from conftest import quick_overrides
-from softprompt.batching import candidate_tokens
+from helpers import peft_scores, quick_overrides
 from softprompt.cli import compose_config
 from softprompt.config import validate
 from softprompt.pipeline import build_pipeline, make_loader, predict
@@ -19,29 +18,6 @@ from softprompt.scorer import PromptedModel
 from softprompt.soft_prompt import attach_prompt
 
 ARCHITECTURES = ["tiny-bert", "tiny-gpt2", "tiny-llama", "tiny-t5"]
-
-
-def peft_scores(peft_model, pipeline) -> list[list[float]]:
-    """Class log-probabilities through PEFT's own forward, one unpadded row at a time, with full logits."""
-    tokenizer, kind = pipeline.tokenizer, pipeline.backbone.kind
-    rows = []
-    for example in pipeline.task.examples["validation"]:
-        encoded = tokenizer(example.text, truncation=True, max_length=pipeline.cfg.task.max_length, return_tensors="pt")
-        if pipeline.scorer == "head":
-            rows.append(peft_model(**encoded).logits.log_softmax(-1)[0].tolist())
-            continue
-        scores = []
-        for candidate in example.candidates:
-            answer = torch.tensor([candidate_tokens(tokenizer, kind, candidate)])
-            if kind == "decoder":
-                ids = torch.cat([encoded["input_ids"], answer], dim=1)
-                logits = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-                logits = logits[0, -answer.shape[1] - 1 : -1]
-            else:
-                logits = peft_model(**encoded, labels=answer).logits[0]
-            scores.append(logits.log_softmax(-1).gather(-1, answer[0, :, None]).sum().item())
-        rows.append(scores)
-    return rows
 
 
 @pytest.mark.parametrize("model", ARCHITECTURES)
@@ -124,7 +100,7 @@ def test_learning_moves_the_prompt_only(train_run):
 @pytest.mark.slow
 def test_embedded_default_learns(tmp_path):
     """softprompt-train with no arguments: minilm-l6 on the generated reviews, >= 0.85 and >= +0.2 over step 0."""
-    from conftest import run_cli
+    from helpers import run_cli
 
     result = run_cli("softprompt.train", f"hydra.run.dir={tmp_path / 'run'}", "trainer.progress_bar=false", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -9,6 +9,7 @@ candidates are scored on top of it (the input's keys and values computed once, n
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +61,10 @@ def encode(
     scorer: str,
     max_length: int,
 ) -> list[Encoded]:
-    """Tokenize once, up front; decoders keep the end of a long input, where the answer cue is."""
-    if kind == "decoder":
+    """Tokenize once, up front; decoders keep the end of a long input, where the answer cue is (cut by a
+    copy of the tokenizer, so the caller's keeps its own truncation side)."""
+    if kind == "decoder" and tokenizer.truncation_side != "left":
+        tokenizer = copy.copy(tokenizer)
         tokenizer.truncation_side = "left"
     texts = [example.text for example in examples]
     encoded = tokenizer(texts, truncation=True, max_length=max_length)

@@ -25,13 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from softprompt import run_dir as records
-from softprompt.config import TrainConfig, flatten
+from softprompt.config import TrainConfig
 from softprompt.errors import UserError
-from softprompt.sweep import NON_RESULT_KEYS, drop_default_method
+from softprompt.identity import comparable_config
 
 CHECKPOINT_DIR = "checkpoint"
 STATE = "state.json"
@@ -74,12 +73,6 @@ class Snapshot:
     folder: Path
     progress: Progress
     state: dict[str, Any]
-
-
-def comparable_config(cfg: TrainConfig) -> dict[str, Any]:
-    """Dotted key -> value for every key that can change a result (what a resumed run must share)."""
-    tree = drop_default_method(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
-    return {key: value for key, value in flatten(tree).items() if key not in NON_RESULT_KEYS}
 
 
 def _refuse_pickle(folder: Path) -> None:

@@ -1,7 +1,9 @@
 """Config schemas: Hydra structured configs, checked before any model or data loads.
 
-The YAML files in `conf/` fill these dataclasses; Hydra rejects unknown keys and wrong types
-on its own, and `validate` adds the rules types cannot express (ranges, allowed names).
+The YAML files in `conf/` fill these dataclasses and own the default values: a field's default here is
+MISSING, or exactly what the YAML files give it (tests/test_config.py composes every file and checks).
+The defaults left here fill keys that configs saved by older versions lack. Hydra rejects unknown keys
+and wrong types on its own, and `validate` adds the rules types cannot express (ranges, allowed names).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from softprompt.errors import ConfigError, UserError
 from softprompt.metrics import METRICS
+from softprompt.registry import DEFAULT_METHOD, METHODS, method_spec
 
 INITS = ("random_uniform", "sampled_vocab", "class_labels", "text", "from_file")
 SCORERS = ("auto", "head", "rank", "generate")
@@ -25,17 +28,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 REDUCTIONS = ("sum", "mean")
 RESUME_MODES = ("auto", "never", "must")
-METHODS = ("prompt_tuning", "model_tuning", "prompt_design", "prefix_tuning", "p_tuning", "lora")
 P_TUNING_ENCODERS = ("MLP", "LSTM")
-# the method.* keys each method reads (the others are ignored by it)
-METHOD_KNOBS = {
-    "prompt_tuning": (),
-    "model_tuning": ("ignore_memory_check",),
-    "prompt_design": ("instruction", "num_demonstrations", "demonstration_seed", "separator", "show_rows"),
-    "prefix_tuning": ("prefix_projection", "encoder_hidden_size"),
-    "p_tuning": ("encoder_hidden_size", "encoder_reparameterization_type", "encoder_num_layers", "encoder_dropout"),
-    "lora": ("lora_r", "lora_alpha", "lora_dropout", "target_modules"),
-}
 
 
 @dataclass
@@ -92,7 +85,7 @@ class TaskConfig:
     group_field: Optional[str] = None
     metrics: list[str] = field(default_factory=lambda: ["accuracy"])
     main_metric: str = "accuracy"
-    scorers: list[str] = field(default_factory=lambda: ["head", "rank"])
+    scorers: list[str] = field(default_factory=lambda: ["head", "rank", "generate"])
     max_length: int = 128
     max_train_rows: Optional[int] = None
     max_eval_rows: Optional[int] = None
@@ -122,7 +115,8 @@ class MethodConfig:
     knob of a method is here (a key that does not apply to the chosen method is ignored).
     """
 
-    name: str = "prompt_tuning"
+    # a method registered in registry.py (a config saved before methods existed names none: prompt tuning)
+    name: str = DEFAULT_METHOD
     # prefix_tuning: reparameterise the prefix through a 2-layer MLP (Li & Liang 2021) of encoder_hidden_size
     prefix_projection: bool = False
     # p_tuning's prompt encoder (and prefix_tuning's projection) hidden size; null: the model width
@@ -161,19 +155,19 @@ class ScorerConfig:
 
 @dataclass
 class TrainerConfig:
-    """The Accelerate training loop."""
+    """The Accelerate training loop; the defaults are conf/trainer/default.yaml's."""
 
-    optimizer: str = "adafactor"
-    lr: float = 0.3
+    optimizer: str = "adamw"
+    lr: float = 0.01
     weight_decay: float = 0.0
     scheduler: str = "constant"
     warmup_steps: int = 0
-    batch_size: int = 32
+    batch_size: int = 16
     eval_batch_size: int = 64
     grad_accum: int = 1
     max_grad_norm: Optional[float] = 1.0
-    max_steps: int = 1000
-    eval_every: int = 100
+    max_steps: int = 150
+    eval_every: int = 25
     # stop after this many evaluations without improvement; null never stops early
     early_stopping_patience: Optional[int] = None
     mixed_precision: str = "no"
@@ -281,7 +275,7 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if prompt.init == "from_file" and not prompt.path:
         raise ConfigError("prompt.path", prompt.path, "a prompt folder when prompt.init=from_file")
 
-    _one_of("method.name", method.name, METHODS)
+    _one_of("method.name", method.name, tuple(METHODS))
     if method.encoder_hidden_size is not None:
         _at_least("method.encoder_hidden_size", method.encoder_hidden_size, 1)
     _one_of("method.encoder_reparameterization_type", method.encoder_reparameterization_type, P_TUNING_ENCODERS)
@@ -329,12 +323,8 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if trainer.checkpoint_every is not None:
         _at_least("trainer.checkpoint_every", trainer.checkpoint_every, 1)
     _one_of("trainer.resume", trainer.resume, RESUME_MODES)
-    if trainer.gradient_checkpointing and method.name == "prefix_tuning":
-        raise ConfigError(
-            "trainer.gradient_checkpointing",
-            True,
-            "false with method=prefix_tuning (a checkpointed layer drops the prefix's key/value cache)",
-        )
+    if trainer.gradient_checkpointing and method_spec(method.name).no_gradient_checkpointing:
+        raise ConfigError("trainer.gradient_checkpointing", True, method_spec(method.name).no_gradient_checkpointing)
 
     _at_least("task.max_length", task.max_length, 1)
     for name in task.metrics:

@@ -1,5 +1,6 @@
 """Method: what a run trains on top of the backbone, so every method shares tasks, scorers, loop and report.
 
+Each method is one spec in registry.py; this module builds and checks what the spec describes:
 - `prompt_tuning` (the default): the soft prompt of soft_prompt.py, PEFT's PromptTuningConfig;
 - `model_tuning`: every backbone weight (no adapter), refused when it will not fit in memory;
 - `prompt_design`: nothing; an optional instruction and k solved train rows go before each row's text;
@@ -19,53 +20,47 @@ self-attention (the layers PEFT's seq2seq prefix reaches too); the encoder gets 
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 import random
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, PeftType, PrefixTuningConfig, PromptEncoderConfig, get_peft_model
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft import get_peft_model
 from torch import nn
 from transformers import AutoModel, PretrainedConfig
 
 from softprompt.backbone import Backbone, _is_head, model_class
 from softprompt.config import TrainConfig
 from softprompt.errors import ConfigError, UserError
+from softprompt.registry import method_spec
 from softprompt.soft_prompt import attach_prompt, task_type, train_in_fp32
 from softprompt.task import Task
 
-# methods whose trained vectors are prepended to the input embeddings (each row can carry its own)
-PROMPT_METHODS = ("prompt_tuning", "p_tuning")
-# LoRA targets for architectures PEFT has no default for
-LORA_TARGETS = {"mpnet": ["q", "v"]}
 RENDERED_PROMPTS = "rendered_prompts.txt"
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 1024**3
 
 
 def trains(cfg: TrainConfig) -> bool:
-    return cfg.method.name != "prompt_design"
+    return method_spec(cfg.method.name).trains
 
 
 def check_method(cfg: TrainConfig, model_config: PretrainedConfig, kind: str, scorer: str) -> None:
     """What the chosen method cannot do with this model and scorer, before any weights load."""
     method = cfg.method.name
-    if method == "prompt_design" and scorer == "head":
+    spec = method_spec(method)
+    if scorer == "head" and not spec.head:
         raise ConfigError(
             "method.name",
             method,
-            f"a method that trains for the encoder {cfg.model.name!r}: prompt design scores answers with a language "
+            f"a method that trains for the encoder {cfg.model.name!r}: {spec.label} scores answers with a language "
             "model (rank or generate), and an encoder's classification head would be untrained",
         )
-    if method == "prefix_tuning":
-        if scorer == "generate":
-            raise ConfigError(
-                "scorer.name",
-                scorer,
-                "rank or head with method=prefix_tuning (generation from a prefix cache is not supported)",
-            )
+    if scorer in spec.refused_scorers:
+        raise ConfigError("scorer.name", scorer, spec.refused_scorers[scorer])
+    if spec.past_key_values:
         try:
             mapped = AutoModel._model_mapping[type(model_config)]
         except (KeyError, AttributeError):
@@ -74,9 +69,9 @@ def check_method(cfg: TrainConfig, model_config: PretrainedConfig, kind: str, sc
             raise ConfigError(
                 "method.name",
                 method,
-                f"a method other than prefix_tuning for {cfg.model.name!r}: {mapped.__name__}'s attention takes no past key values",
+                f"a method other than {method} for {cfg.model.name!r}: {mapped.__name__}'s attention takes no past key values",
             )
-    if method == "model_tuning" and not cfg.method.ignore_memory_check:
+    if spec.memory_check and not cfg.method.ignore_memory_check:
         check_memory(cfg, model_config, kind, scorer)
 
 
@@ -141,86 +136,37 @@ def check_memory(
     free, where = available or available_memory()
     if needed > free:
         raise UserError(
-            f"method=model_tuning of {cfg.model.name} needs about {needed / GIB:,.1f} GiB ({how}), not counting activations, "
+            f"method={cfg.method.name} of {cfg.model.name} needs about {needed / GIB:,.1f} GiB ({how}), not counting activations, "
             f"but {free / GIB:,.1f} GiB is {where}: use a smaller model, model.dtype=bfloat16 or trainer.optimizer=adafactor, "
             "or set method.ignore_memory_check=true to try anyway"
         )
-
-
-def lora_targets(cfg: TrainConfig, model_type: str) -> list[str]:
-    if cfg.method.target_modules:
-        return list(cfg.method.target_modules)
-    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type) or LORA_TARGETS.get(model_type)
-    if not targets:
-        raise ConfigError(
-            "method.target_modules",
-            None,
-            f"the names of the {model_type} modules to adapt (PEFT has no default for it)",
-        )
-    return list(targets)
 
 
 def build_model(
     backbone: Backbone, cfg: TrainConfig, label_token_ids: list[list[int]], head: bool, seed: int
 ) -> nn.Module:
     """The model to train: the backbone behind the method's PEFT adapter, or the backbone itself."""
-    method = cfg.method
-    if method.name == "prompt_tuning":
+    spec = method_spec(cfg.method.name)
+    if spec.soft_prompt:
         return attach_prompt(backbone, cfg.prompt, label_token_ids, head=head, seed=seed)
-    if method.name in ("model_tuning", "prompt_design"):
-        backbone.model.requires_grad_(method.name == "model_tuning")
+    if spec.adapter is None:
+        backbone.model.requires_grad_(spec.trains_backbone)
         return backbone.model
-    kind_task = task_type(backbone.kind, head)
-    hidden = method.encoder_hidden_size or backbone.width
-    if method.name == "p_tuning":
-        peft_config = PromptEncoderConfig(
-            task_type=kind_task,
-            num_virtual_tokens=cfg.prompt.length,
-            token_dim=backbone.width,
-            num_transformer_submodules=1,
-            encoder_hidden_size=hidden,
-            encoder_reparameterization_type=method.encoder_reparameterization_type,
-            encoder_num_layers=method.encoder_num_layers,
-            encoder_dropout=method.encoder_dropout,
-        )
-    elif method.name == "prefix_tuning":
-        peft_config = PrefixTuningConfig(
-            task_type=kind_task,
-            num_virtual_tokens=cfg.prompt.length,
-            num_transformer_submodules=1,
-            prefix_projection=method.prefix_projection,
-            encoder_hidden_size=hidden,
-        )
-    else:
-        peft_config = LoraConfig(
-            task_type=kind_task,
-            r=method.lora_r,
-            lora_alpha=method.lora_alpha,
-            lora_dropout=method.lora_dropout,
-            target_modules=lora_targets(cfg, backbone.model.config.model_type),
-        )
+    peft_config = spec.adapter(cfg, backbone.width, task_type(backbone.kind, head), backbone.model.config.model_type)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
             model = get_peft_model(backbone.model, peft_config)
         except ValueError as error:
-            if method.name == "lora":
+            if spec.adapter_key is not None:
                 raise ConfigError(
-                    "method.target_modules",
-                    method.target_modules,
+                    spec.adapter_key,
+                    operator.attrgetter(spec.adapter_key)(cfg),
                     f"module names of {backbone.name} ({str(error).splitlines()[0]})",
                 ) from None
             raise
     train_in_fp32(model, backbone, head)
     return model
-
-
-def peft_type(model: nn.Module) -> str | None:
-    """The PEFT method of a model (PROMPT_TUNING, P_TUNING, PREFIX_TUNING, LORA), None for a plain model."""
-    if not isinstance(model, PeftModel):
-        return None
-    kind = model.active_peft_config.peft_type
-    return kind.value if isinstance(kind, PeftType) else str(kind)
 
 
 def parameter_counts(model: nn.Module, method: str, backbone_params: int) -> dict:
@@ -242,7 +188,7 @@ def parameter_counts(model: nn.Module, method: str, backbone_params: int) -> dic
         else:
             part = "backbone"
         parts[part] += parameter.numel()
-    if parts["backbone"] and method != "model_tuning":
+    if parts["backbone"] and not method_spec(method).trains_backbone:
         wrong = [
             n
             for n, p in model.named_parameters()
@@ -277,16 +223,16 @@ def design_context(task: Task, cfg: TrainConfig) -> str:
     return "".join(part + method.separator for part in parts)
 
 
-def apply_design(task: Task, cfg: TrainConfig) -> str:
-    """Put the prompt-design context before the text of every row scored (train rows are what demonstrations
-    are drawn from, and stay bare); returns the context."""
-    context = design_context(task, cfg)
-    if context:
-        for split, examples in task.examples.items():
-            if split == "train":
-                continue
-            task.examples[split] = [replace(example, text=context + example.text) for example in examples]
-    return context
+def apply_design(task: Task, context: str) -> Task:
+    """A copy of the task whose scored rows start with the prompt-design context (train rows are what
+    demonstrations are drawn from, and stay bare); the task itself is left as it is."""
+    if not context:
+        return task
+    examples = {
+        split: rows if split == "train" else [replace(example, text=context + example.text) for example in rows]
+        for split, rows in task.examples.items()
+    }
+    return replace(task, examples=examples)
 
 
 def write_rendered_prompts(path: Path, task: Task, tokenizer, max_length: int, rows: int, context: str) -> None:

@@ -1,7 +1,8 @@
 """Pipeline: config to task, backbone and scorer, and the loaders and predictions every command shares.
 
-Every check a user can fail (task files, labels, model name, scorer, lengths, precision) runs
-before the weights load, so a mistake costs seconds, not a model load.
+Check, then load: the config and the model's config file (its architecture, no weights) decide the
+model kind, the scorer, and what the method and the precision allow; the task's rows then decide the
+answer and context lengths; only then do the weights load, once. A mistake costs seconds, not a model load.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from softprompt.backbone import Backbone, infer_kind, load_backbone, load_model_
 from softprompt.batching import Collator, encode, verbalizer_tokens
 from softprompt.config import TrainConfig
 from softprompt.errors import ConfigError
-from softprompt.method import apply_design, check_method
+from softprompt.method import apply_design, check_method, design_context
 from softprompt.metrics import compute_metrics
+from softprompt.registry import method_spec
 from softprompt.scorer import resolve_scorer
 from softprompt.task import Task, load_task
 
@@ -52,7 +54,7 @@ def check_lengths(cfg: TrainConfig, limit: int | None, answer_tokens: int, conte
     """Prompt plus input (plus the answer, for decoders) must fit the model's position embeddings."""
     if limit is None:
         return
-    prompt = cfg.prompt.length if cfg.method.name in ("prompt_tuning", "p_tuning", "prefix_tuning") else 0
+    prompt = cfg.prompt.length if method_spec(cfg.method.name).has_length else 0
     needed = prompt + cfg.task.max_length + answer_tokens + context_tokens
     if context_tokens and needed > limit:
         raise ConfigError(
@@ -81,14 +83,18 @@ def check_precision(cfg: TrainConfig, model_type: str) -> None:
 
 
 def build_pipeline(cfg: TrainConfig, splits: tuple[str, ...] = ("train", "validation")) -> Pipeline:
-    task = load_task(cfg.task, splits)
+    # what the config and the model's architecture decide
     tokenizer = load_tokenizer(cfg.model)
     model_config = load_model_config(cfg.model, tokenizer)
     kind = cfg.model.kind or infer_kind(model_config)
     scorer = resolve_scorer(cfg.scorer, kind, list(cfg.task.scorers))
-    label_token_ids = [] if cfg.task.choices_fields else verbalizer_tokens(tokenizer, kind, task.verbalizer)
+    label_token_ids = [] if cfg.task.choices_fields else verbalizer_tokens(tokenizer, kind, Task(cfg.task).verbalizer)
     check_method(cfg, model_config, kind, scorer)
-    context = apply_design(task, cfg) if cfg.method.name == "prompt_design" else ""
+    check_precision(cfg, model_config.model_type)
+    # what the rows decide
+    task = load_task(cfg.task, splits)
+    context = design_context(task, cfg) if method_spec(cfg.method.name).design_context else ""
+    task = apply_design(task, context)
     # one token of slack: the context and the row may merge differently where they meet
     context_tokens = len(tokenizer(context, add_special_tokens=False)["input_ids"]) + 1 if context else 0
     answer_tokens = 0
@@ -96,7 +102,6 @@ def build_pipeline(cfg: TrainConfig, splits: tuple[str, ...] = ("train", "valida
         longest = max((len(c) for e in task.examples[splits[-1]] for c in e.candidates), default=0)
         answer_tokens = max([len(ids) for ids in label_token_ids] + [longest]) + 1
     check_lengths(cfg, max_positions(model_config), answer_tokens, context_tokens)
-    check_precision(cfg, model_config.model_type)
     backbone = load_backbone(cfg.model, task.num_classes if scorer == "head" else None, tokenizer, model_config)
     return Pipeline(cfg, task, tokenizer, backbone, scorer, label_token_ids, context, context_tokens)
 

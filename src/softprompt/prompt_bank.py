@@ -23,6 +23,7 @@ from softprompt.backbone import Backbone, head_module, load_backbone
 from softprompt.batching import Encoded, encode
 from softprompt.config import TrainConfig, validate
 from softprompt.errors import UserError
+from softprompt.registry import METHODS, method_spec
 from softprompt.scorer import PromptedModel, resolve_scorer
 from softprompt.soft_prompt import PROMPT_KEY, load_prompt_file
 from softprompt.task import Example, Task
@@ -68,9 +69,10 @@ def load_entry(name: str, path: str | Path) -> BankEntry:
     if run_dir.name == "prompt":
         run_dir = run_dir.parent
     cfg = run_config(run_dir)
-    if cfg.method.name != "prompt_tuning":
+    if not method_spec(cfg.method.name).bank:
+        served = ", ".join(method for method, spec in METHODS.items() if spec.bank)
         raise UserError(
-            f"prompt {name!r}: {run_dir} was trained with method={cfg.method.name}; a prompt bank serves prompt_tuning runs"
+            f"prompt {name!r}: {run_dir} was trained with method={cfg.method.name}; a prompt bank serves {served} runs"
         )
     weights = load_file(str(run_dir / "prompt" / "adapter_model.safetensors")) if (run_dir / "prompt").is_dir() else {}
     if PROMPT_KEY not in weights:

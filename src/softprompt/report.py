@@ -24,9 +24,10 @@ import pandas as pd  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from softprompt import run_dir as records  # noqa: E402
-from softprompt.config import METHOD_KNOBS, flatten  # noqa: E402
+from softprompt.config import flatten  # noqa: E402
 from softprompt.errors import UserError, exit_on_user_error  # noqa: E402
-from softprompt.sweep import NON_RESULT_KEYS  # noqa: E402
+from softprompt.identity import NON_RESULT_KEYS  # noqa: E402
+from softprompt.registry import DEFAULT_METHOD, METHODS, MethodSpec  # noqa: E402
 
 RESULTS_CSV = "results.csv"
 SUMMARY_CSV = "summary.csv"
@@ -64,16 +65,19 @@ SHOWN_KEYS = {
     "prompt.init",
     "seed",
 }
-# methods that have a prompt of prompt.length vectors, and the one that has prompt.init
-LENGTH_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
-METHOD_LABELS = {
-    "model_tuning": "model tuning",
-    "prompt_tuning": "prompt tuning",
-    "prompt_design": "prompt design",
-    "prefix_tuning": "prefix tuning",
-    "p_tuning": "p-tuning",
-    "lora": "LoRA",
-}
+# a method this version does not know (a run directory from elsewhere): its name is its label, no length or
+# init column, no knobs, and it is drawn as a method that trains
+UNKNOWN_METHOD = MethodSpec(name="", label="", figure_rank=len(METHODS))
+
+
+def _spec(method: str) -> MethodSpec:
+    return METHODS.get(method, UNKNOWN_METHOD)
+
+
+def _label(method: str) -> str:
+    return _spec(method).label or str(method)
+
+
 # what each figure draws one line per, and its label
 AXES = {"prompt_length": "prompt length", "init": "initialisation"}
 # columns of a user's reference points file (--reference)
@@ -99,7 +103,7 @@ def load_run(run_path: Path) -> tuple[dict, dict]:
     metrics = records.read_json(metrics_path) if metrics_path.is_file() else {}
     metric = metrics.get("main_metric", config.get("task.main_metric"))
     # runs made before methods existed have no method key: they are prompt tuning
-    method = metrics.get("method", config.get("method.name", "prompt_tuning"))
+    method = metrics.get("method", config.get("method.name", DEFAULT_METHOD))
     counts = metrics.get("trainable_params", {})
     row = {
         "run": str(run_path),
@@ -108,8 +112,8 @@ def load_run(run_path: Path) -> tuple[dict, dict]:
         "task": metrics.get("task", config.get("task.name")),
         "metric": metric,
         "method": method,
-        "prompt_length": config.get("prompt.length") if method in LENGTH_METHODS else None,
-        "init": config.get("prompt.init") if method == "prompt_tuning" else None,
+        "prompt_length": config.get("prompt.length") if _spec(method).has_length else None,
+        "init": config.get("prompt.init") if _spec(method).has_init else None,
         "seed": metrics.get("seed", config.get("seed")),
         "value": metrics.get("eval", {}).get(metric),
         "initial": metrics.get("initial_eval", {}).get(metric),
@@ -129,8 +133,8 @@ def tidy_table(runs: list[Path]) -> pd.DataFrame:
     loaded = [load_run(run) for run in runs]
     configs = pd.DataFrame([config for _, config in loaded])
     if "method.name" not in configs.columns:
-        configs["method.name"] = "prompt_tuning"
-    configs["method.name"] = configs["method.name"].fillna("prompt_tuning")
+        configs["method.name"] = DEFAULT_METHOD
+    configs["method.name"] = configs["method.name"].fillna(DEFAULT_METHOD)
     ignored = SHOWN_KEYS | set(NON_RESULT_KEYS)
     # keys set by the model, task or method choice itself (its hub id, its template, its learning rate) are
     # not extra settings
@@ -147,7 +151,7 @@ def tidy_table(runs: list[Path]) -> pd.DataFrame:
         if key.startswith("method."):
             # a method's knob is empty on the rows of methods that do not read it
             values = values.where(
-                [key.removeprefix("method.") in METHOD_KNOBS.get(method, ()) for method in table["method"]], None
+                [key.removeprefix("method.") in _spec(method).knobs for method in table["method"]], None
             )
         table.insert(position, key, values)
     return table.sort_values(
@@ -259,7 +263,7 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
 
 
 def _method_label(row: pd.Series, keys: list[str]) -> str:
-    label = METHOD_LABELS.get(row["method"], str(row["method"]))
+    label = _label(row["method"])
     details = []
     for key in keys:
         value = row[key]
@@ -283,14 +287,7 @@ def method_lines(rows: pd.DataFrame, summary: pd.DataFrame) -> list[tuple[str, p
         ]
         for _, line in group.groupby(keys, sort=True, dropna=False) if keys else [(None, group)]:
             lines.append((_method_label(line.iloc[0], keys), line))
-    order = list(METHOD_LABELS)
-    return sorted(
-        lines,
-        key=lambda item: (
-            order.index(item[1]["method"].iloc[0]) if item[1]["method"].iloc[0] in order else len(order),
-            item[0],
-        ),
-    )
+    return sorted(lines, key=lambda item: (_spec(item[1]["method"].iloc[0]).figure_rank, item[0]))
 
 
 def draw_methods(summary: pd.DataFrame, x_key: str, reference: pd.DataFrame | None, stem: Path) -> list[Path]:
@@ -309,7 +306,8 @@ def draw_methods(summary: pd.DataFrame, x_key: str, reference: pd.DataFrame | No
             # a method's points are joined in order of model size, on either axis
             line = line.sort_values(["parameters", x_key])
             xs = line[x_key].astype(float)
-            style = {"linestyle": "--"} if line["method"].iloc[0] == "prompt_design" else {}
+            # a method that trains nothing is a reference line
+            style = {} if _spec(line["method"].iloc[0]).trains else {"linestyle": "--"}
             panel.errorbar(
                 xs,
                 line["mean"],
@@ -346,9 +344,10 @@ def draw_methods(summary: pd.DataFrame, x_key: str, reference: pd.DataFrame | No
             panel.set_title(f"{task}: {metric} by model size and method")
         else:
             panel.set_xlabel("trainable parameters")
+            untrained = [_label(method) for method in dict.fromkeys(summary["method"]) if not _spec(method).trains]
             panel.set_title(
                 f"{task}: {metric} by trainable parameters"
-                + (" (prompt design trains none)" if "prompt_design" in set(summary["method"]) else "")
+                + (f" ({', '.join(untrained)} trains none)" if untrained else "")
             )
         panel.set_ylabel(f"{metric} (mean ± std over seeds)")
         panel.grid(True, which="both", alpha=0.3)

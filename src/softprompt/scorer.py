@@ -29,6 +29,7 @@ from softprompt.backbone import attention_kernel, head_module, prefers_math_atte
 from softprompt.batching import IGNORE
 from softprompt.config import ScorerConfig
 from softprompt.errors import ConfigError
+from softprompt.registry import prompt_source
 from softprompt.soft_prompt import prompt_parameter
 
 
@@ -89,10 +90,9 @@ class PromptedModel(nn.Module):
         if compile_backbone:
             self.backbone.compile(dynamic=True)
         kind_of = peft_model.active_peft_config.peft_type if isinstance(peft_model, PeftModel) else None
-        self.peft_type = getattr(kind_of, "value", kind_of)
-        self.prefix_length = (
-            peft_model.active_peft_config.num_virtual_tokens if self.peft_type == "PREFIX_TUNING" else 0
-        )
+        # how the method's trained vectors reach the backbone (registry.MethodSpec.prompt_source)
+        self.prompt_source = prompt_source(getattr(kind_of, "value", kind_of))
+        self.prefix_length = peft_model.active_peft_config.num_virtual_tokens if self.prompt_source == "prefix" else 0
 
     def train(self, mode: bool = True) -> PromptedModel:
         """Without backbone dropout the backbone (head and adapters included) stays in evaluation mode while training.
@@ -112,9 +112,9 @@ class PromptedModel(nn.Module):
         return self.peft_model.base_model if isinstance(self.peft_model, PeftModel) else self.peft_model
 
     def row_prompts(self, rows: int) -> torch.Tensor:
-        if self.peft_type == "PROMPT_TUNING":
+        if self.prompt_source == "embedding":
             return prompt_parameter(self.peft_model).unsqueeze(0).expand(rows, -1, -1)
-        if self.peft_type == "P_TUNING":
+        if self.prompt_source == "encoder":
             return self.peft_model.get_prompt(1).expand(rows, -1, -1)
         embedding = self.backbone.get_input_embeddings()
         return embedding.weight.new_zeros(rows, 0, embedding.embedding_dim)

@@ -159,15 +159,3 @@ def train_in_fp32(model: PeftModel, backbone: Backbone, head: bool) -> None:
 
 def prompt_parameter(model: PeftModel) -> torch.nn.Parameter:
     return model.prompt_encoder[ADAPTER].embedding.weight
-
-
-def trainable_counts(model: PeftModel) -> dict[str, int]:
-    """Trainable parameters split into prompt and head; the backbone must contribute none."""
-    prompt = prompt_parameter(model).numel()
-    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    backbone_trainable = [
-        name for name, p in model.base_model.named_parameters() if p.requires_grad and "modules_to_save" not in name
-    ]
-    if backbone_trainable:
-        raise UserError(f"backbone parameters are trainable but must be frozen: {', '.join(backbone_trainable[:3])}")
-    return {"prompt": prompt, "head": total - prompt, "total": total}

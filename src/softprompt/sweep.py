@@ -9,13 +9,10 @@ multirun ends, `ReportCallback` writes the report into the sweep directory.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,70 +20,20 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from softprompt import run_dir as records
-from softprompt.config import MethodConfig
+from softprompt.identity import config_key
+from softprompt.registry import DEFAULT_METHOD, METHODS
 from softprompt.run_dir import KEY_FIELD
 
 log = logging.getLogger("softprompt")
 
-# keys that only say where outputs go, how progress is shown, how often a run checkpoints or whether
-# activations are recomputed: they never change a result
-NON_RESULT_KEYS = (
-    "output_root",
-    "trainer.progress_bar",
-    "trainer.log_every",
-    "trainer.log_with",
-    "trainer.num_workers",
-    "trainer.checkpoint_every",
-    "trainer.resume",
-    "trainer.gradient_checkpointing",
-    "trainer.compile",
-)
-KEY_LENGTH = 10
-
-
-def drop_default_method(tree: dict) -> dict:
-    """Runs made before `method` existed were prompt tuning: the default method with its default knobs is
-    left out of keys and comparisons, so their config keys and checkpoints stay valid."""
-    if tree.get("method") == asdict(MethodConfig()):
-        tree.pop("method")
-    return tree
-
-
-def _result_config(cfg: DictConfig) -> dict:
-    """The resolved config without Hydra's node and without the keys that cannot change a result."""
-    tree = drop_default_method(
-        OmegaConf.to_container(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]), resolve=True)
-    )
-    for dotted in NON_RESULT_KEYS:
-        *parents, leaf = dotted.split(".")
-        node = tree
-        for parent in parents:
-            node = node.get(parent, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    return tree
-
-
-def config_key(cfg: DictConfig) -> str:
-    """A short stable hash of everything in a job's config that can change its results."""
-    text = json.dumps(_result_config(cfg), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
-
 
 def job_name(cfg: DictConfig) -> str:
-    """A readable folder name for one job that ends in its config key."""
-    method = OmegaConf.select(cfg, "method.name", default="prompt_tuning")
-    if method == "prompt_tuning":
-        parts = [cfg.model.name, cfg.task.name, f"len{cfg.prompt.length}", cfg.prompt.init]
-    elif method == "prompt_design":
-        parts = [cfg.model.name, cfg.task.name, method, f"k{cfg.method.num_demonstrations}"]
-    elif method in ("prefix_tuning", "p_tuning"):
-        parts = [cfg.model.name, cfg.task.name, method, f"len{cfg.prompt.length}"]
-    elif method == "lora":
-        parts = [cfg.model.name, cfg.task.name, method, f"r{cfg.method.lora_r}"]
-    else:
-        parts = [cfg.model.name, cfg.task.name, method]
-    parts += [f"seed{cfg.seed}", config_key(cfg)]
+    """A readable folder name for one job that ends in its config key: model, task, the method's own parts
+    (registry.MethodSpec.job_parts), seed, key."""
+    method = OmegaConf.select(cfg, "method.name", default=DEFAULT_METHOD)
+    # a name no method has fails validation once the job starts; until then its folder is named after it
+    own = METHODS[method].job_parts(cfg) if method in METHODS else [method]
+    parts = [cfg.model.name, cfg.task.name, *own, f"seed{cfg.seed}", config_key(cfg)]
     return "_".join(re.sub(r"[^\w.-]+", "-", str(part)) for part in parts)
 
 

@@ -41,6 +41,7 @@ from softprompt.distributed import check_launch
 from softprompt.errors import EXIT_USER_ERROR, ConfigError, UserError, as_user_error, exit_on_user_error
 from softprompt.method import RENDERED_PROMPTS, build_model, parameter_counts, trains, write_rendered_prompts
 from softprompt.pipeline import Pipeline, build_pipeline, evaluate, make_loader
+from softprompt.registry import DEFAULT_METHOD, method_spec
 from softprompt.scorer import PromptedModel
 
 log = logging.getLogger("softprompt")
@@ -512,13 +513,14 @@ def check_output_dir(argv: list[str]) -> None:
 def summary(result: dict, run_path: Path) -> str:
     metric = result["main_metric"]
     counts = result["trainable_params"]
-    method = result.get("method", "prompt_tuning")
-    if method == "prompt_design":
-        return f"{metric}: {result['eval'][metric]:.4f} (prompt design, nothing trained) | {result['eval_seconds']:.1f}s | run: {run_path}"
+    method = result.get("method", DEFAULT_METHOD)
+    spec = method_spec(method)
+    if not spec.trains:
+        return f"{metric}: {result['eval'][metric]:.4f} ({spec.label}, nothing trained) | {result['eval_seconds']:.1f}s | run: {run_path}"
     parts = ", ".join(
         f"{part} {counts[part]:,}"
         for part in ("prompt", "adapter", "backbone", "head")
-        if counts.get(part) or part in ("prompt", "head") and method == "prompt_tuning"
+        if counts.get(part) or part in spec.summary_parts
     )
     fraction = f", {counts['fraction']:.4%} of the backbone" if counts.get("fraction") is not None else ""
     return (

@@ -1,0 +1,66 @@
+"""Run identity: the part of a config that can change a run's result, and the key that names it.
+
+One definition serves the sweep (a job's folder and whether its earlier result still holds), the
+checkpoint (whether a run directory's checkpoint may be resumed with this config) and the report
+(which config keys are settings worth a column). It sits below all three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from softprompt.config import MethodConfig, TrainConfig, flatten
+
+# keys that only say where outputs go, how progress is shown, how often a run checkpoints or whether
+# activations are recomputed: they never change a result
+NON_RESULT_KEYS = (
+    "output_root",
+    "trainer.progress_bar",
+    "trainer.log_every",
+    "trainer.log_with",
+    "trainer.num_workers",
+    "trainer.checkpoint_every",
+    "trainer.resume",
+    "trainer.gradient_checkpointing",
+    "trainer.compile",
+)
+KEY_LENGTH = 10
+
+
+def result_config(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
+    """The resolved config as plain data, without Hydra's node and the keys that cannot change a result.
+
+    Runs made before `method` existed were prompt tuning: the default method with its default knobs is
+    left out, so their config keys and checkpoints stay valid.
+    """
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    else:
+        cfg = OmegaConf.structured(cfg)
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    if tree.get("method") == asdict(MethodConfig()):
+        tree.pop("method")
+    for dotted in NON_RESULT_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for parent in parents:
+            node = node.get(parent, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return tree
+
+
+def config_key(cfg: DictConfig | TrainConfig) -> str:
+    """A short stable hash of everything in a config that can change its results."""
+    text = json.dumps(result_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def comparable_config(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
+    """Dotted key -> value for every key that can change a result (what a resumed run must share)."""
+    return flatten(result_config(cfg))

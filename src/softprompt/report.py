@@ -21,11 +21,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from softprompt import run_dir as records  # noqa: E402
 from softprompt.config import METHOD_KNOBS, flatten  # noqa: E402
-from softprompt.errors import UserError, exit_on_user_error  # noqa: E402
+from softprompt.errors import UserError, exit_on_user_error, folder_problem  # noqa: E402
 from softprompt.sweep import NON_RESULT_KEYS  # noqa: E402
 
 RESULTS_CSV = "results.csv"
@@ -90,13 +92,28 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return sorted(runs)
 
 
+def _read_record(run_path: Path) -> tuple[dict, dict, str | None]:
+    """A run's flattened config and metrics record, and what is damaged in them (None when both read)."""
+    config_path, metrics_path = run_path / ".hydra" / "config.yaml", run_path / records.METRICS
+    config, metrics, damage = {}, {}, []
+    try:
+        config = flatten(OmegaConf.to_container(OmegaConf.load(config_path), resolve=False), scalars=True)
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as error:
+        damage.append(f"{config_path} cannot be read ({type(error).__name__}: {' '.join(str(error).split())})")
+    if metrics_path.is_file():
+        try:
+            metrics = records.read_json(metrics_path)
+        except (OSError, ValueError) as error:
+            damage.append(f"{metrics_path} is damaged ({type(error).__name__}: {error})")
+    if damage:
+        way_out = f"move it out of the run directory and start the run again with hydra.run.dir={run_path} to resume it"
+        return config, {}, "; ".join(damage) + f": {way_out}"
+    return config, metrics, None
+
+
 def load_run(run_path: Path) -> tuple[dict, dict]:
-    """One run's table row and its flattened config."""
-    config = flatten(
-        OmegaConf.to_container(OmegaConf.load(run_path / ".hydra" / "config.yaml"), resolve=False), scalars=True
-    )
-    metrics_path = run_path / records.METRICS
-    metrics = records.read_json(metrics_path) if metrics_path.is_file() else {}
+    """One run's table row and its flattened config; a run whose records are damaged is a row that says so."""
+    config, metrics, damage = _read_record(run_path)
     metric = metrics.get("main_metric", config.get("task.main_metric"))
     # runs made before methods existed have no method key: they are prompt tuning
     method = metrics.get("method", config.get("method.name", "prompt_tuning"))
@@ -118,8 +135,8 @@ def load_run(run_path: Path) -> tuple[dict, dict]:
         "trainable_fraction": counts.get("fraction"),
         "train_seconds": metrics.get("train_seconds"),
         # a run with no metrics.json was stopped before training started
-        "status": metrics.get("status", "incomplete"),
-        "reason": metrics.get("reason"),
+        "status": "damaged" if damage else metrics.get("status", "incomplete"),
+        "reason": damage or metrics.get("reason"),
     }
     return row, config
 
@@ -128,6 +145,9 @@ def tidy_table(runs: list[Path]) -> pd.DataFrame:
     """One row per run; config keys that differ between runs of one model and task as extra columns."""
     loaded = [load_run(run) for run in runs]
     configs = pd.DataFrame([config for _, config in loaded])
+    for key in ("model.name", "task.name"):
+        if key not in configs.columns:
+            configs[key] = None
     if "method.name" not in configs.columns:
         configs["method.name"] = "prompt_tuning"
     configs["method.name"] = configs["method.name"].fillna("prompt_tuning")
@@ -431,6 +451,9 @@ def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = 
     runs = find_runs(paths)
     if not runs:
         raise UserError(f"no run directories (folders with .hydra/config.yaml) under {', '.join(map(str, paths))}")
+    problem = folder_problem(out)
+    if problem:
+        raise UserError(f"--out {out}: the report needs a folder there ({problem}); give another --out")
     out.mkdir(parents=True, exist_ok=True)
     table = tidy_table(runs)
     table["run"] = [str(Path(run).relative_to(out)) if Path(run).is_relative_to(out) else run for run in table["run"]]

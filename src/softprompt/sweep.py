@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from softprompt import run_dir as records
 from softprompt.config import MethodConfig
+from softprompt.errors import UserError
 
 log = logging.getLogger("softprompt")
 
@@ -90,10 +91,17 @@ def job_name(cfg: DictConfig) -> str:
 
 def completed_record(run_path: Path, key: str) -> dict[str, Any] | None:
     """The earlier run's metrics when it completed with this very config, else None (train again)."""
-    if records.status(run_path) != "completed":
+    path = run_path / records.METRICS
+    if not path.is_file():
         return None
-    record = records.read_json(run_path / records.METRICS)
-    return record if record.get(KEY_FIELD) == key else None
+    try:
+        record = records.read_json(path)
+    except (ValueError, OSError) as error:
+        raise UserError(
+            f"{path} is damaged ({type(error).__name__}: {error}): move it out of the job's folder to train this job "
+            "again (its checkpoint, if any, is resumed)"
+        ) from None
+    return record if record.get("status") == "completed" and record.get(KEY_FIELD) == key else None
 
 
 def _resolve_job_name(*, _root_: DictConfig) -> str:

@@ -256,11 +256,16 @@ def read_file(path: Path, fmt: str | None, encoding: str = "utf-8", option: str 
         raise ConfigError("task.format", fmt, "one of: " + ", ".join(READERS))
     try:
         rows = READERS[fmt](path, encoding)
-    except UnicodeDecodeError as error:
+    except UnicodeDecodeError:
+        data = path.read_bytes()
+        try:
+            data.decode(encoding)
+        except UnicodeDecodeError as error:
+            line, byte = data.count(b"\n", 0, error.start) + 1, data[error.start : error.start + 1]
         raise DataError(
-            f"not valid {encoding} text (byte {error.object[error.start : error.start + 1]!r} at offset {error.start}): "
-            f"set {option} to the file's encoding (latin-1, cp1252, utf-16, ...)",
+            f"not valid {encoding} text (byte {byte!r}): set {option} to the file's encoding (latin-1, cp1252, utf-16, ...)",
             path,
+            row=line,
         ) from None
     except csv.Error as error:
         raise DataError(f"not a readable {fmt.upper()} file ({error})", path) from None

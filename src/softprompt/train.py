@@ -459,7 +459,7 @@ def check_output_dir(cfg: DictConfig, job: TrainConfig | None) -> None:
     problem = folder_problem(path)
     if problem:
         raise ConfigError(key, str(path), f"a folder that can be created ({problem})")
-    if multirun or not path.is_dir():
+    if multirun:
         return
     metrics = path / records.METRICS
     if metrics.is_file():

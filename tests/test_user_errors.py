@@ -204,6 +204,16 @@ def test_unknown_keys_and_out_of_range_values_are_refused_before_hydra_writes(tm
         precheck_and_validate(argv)
 
 
+def test_resume_must_without_a_run_directory_creates_none(tmp_path, capsys):
+    from softprompt import train
+
+    run_path = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", ["softprompt-train", *BUILTIN, "trainer.resume=must", f"hydra.run.dir={run_path}"])
+        line = refused_in_process(lambda argv: train.main(), [], capsys)
+    assert f"trainer.resume=must but {run_path} holds no checkpoint" in line and not run_path.exists()
+
+
 def precheck_and_validate(argv: list[str]) -> None:
     from softprompt.cli import without_hydra
     from softprompt.config import validate

@@ -134,16 +134,20 @@ def test_sweep_job_with_a_damaged_record_is_named(finished, tmp_path):
 
 def test_report_lists_a_damaged_run_and_reports_the_others(finished, tmp_path, capsys):
     runs = tmp_path / "runs"
-    good, bad = copy_run(finished, runs, "good"), copy_run(finished, runs, "bad")
-    (bad / "metrics.json").write_bytes((bad / "metrics.json").read_bytes()[:40])
+    good, cut, listed = (copy_run(finished, runs, name) for name in ("good", "cut", "listed"))
+    (cut / "metrics.json").write_bytes((cut / "metrics.json").read_bytes()[:40])
+    (listed / "metrics.json").write_text("[1, 2]\n")
+    (runs / "ensemble.json").write_text('{"task": ')
     before = tree(runs)
     report.main([str(runs), "--out", str(tmp_path / "report")])
     table = (tmp_path / "report" / "results.csv").read_text()
     assert tree(runs) == before
     rows = {Path(line.split(",")[0]).name: line for line in table.splitlines()[1:]}
     assert ",completed," in rows[good.name]
-    assert ",damaged," in rows[bad.name] and "metrics.json is damaged (JSONDecodeError" in rows[bad.name]
-    assert "**damaged**" in (tmp_path / "report" / "report.md").read_text()
+    assert ",damaged," in rows[cut.name] and "metrics.json is damaged (JSONDecodeError" in rows[cut.name]
+    assert "metrics.json is damaged (a JSON list, not an object)" in rows[listed.name]
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "**damaged**" in markdown and "ensemble.json is damaged (JSONDecodeError" in markdown
 
 
 @pytest.mark.parametrize("damaged", [".hydra/config.yaml", "prompt/adapter_model.safetensors"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -66,3 +67,16 @@ def folder_problem(path: Path) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
     return None
+
+
+def read_record(path: Path, way_out: str) -> dict:
+    """A JSON record (metrics.json, ensemble.json) as a mapping; one that is cut short or is not a JSON object is a
+    UserError naming the file, what is wrong and `way_out`."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is damaged ({type(error).__name__}: {error}): {way_out}") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} is damaged (a JSON {type(record).__name__}, not an object): {way_out}")
+    return record

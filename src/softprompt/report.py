@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from softprompt import run_dir as records  # noqa: E402
 from softprompt.config import METHOD_KNOBS, flatten  # noqa: E402
-from softprompt.errors import UserError, exit_on_user_error, folder_problem  # noqa: E402
+from softprompt.errors import UserError, exit_on_user_error, folder_problem, read_record  # noqa: E402
 from softprompt.sweep import NON_RESULT_KEYS  # noqa: E402
 
 RESULTS_CSV = "results.csv"
@@ -93,22 +93,23 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 
 def _read_record(run_path: Path) -> tuple[dict, dict, str | None]:
-    """A run's flattened config and metrics record, and what is damaged in them (None when both read)."""
+    """A run's flattened config and metrics record, and what in them is damaged with the way out (None if nothing)."""
     config_path, metrics_path = run_path / ".hydra" / "config.yaml", run_path / records.METRICS
+    again = f"start the run again with hydra.run.dir={run_path}"
     config, metrics, damage = {}, {}, []
     try:
         config = flatten(OmegaConf.to_container(OmegaConf.load(config_path), resolve=False), scalars=True)
     except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as error:
-        damage.append(f"{config_path} cannot be read ({type(error).__name__}: {' '.join(str(error).split())})")
+        damage.append(
+            f"{config_path} cannot be read ({type(error).__name__}: {' '.join(str(error).split())}): {again} "
+            "(Hydra writes it anew)"
+        )
     if metrics_path.is_file():
         try:
-            metrics = records.read_json(metrics_path)
-        except (OSError, ValueError) as error:
-            damage.append(f"{metrics_path} is damaged ({type(error).__name__}: {error})")
-    if damage:
-        way_out = f"move it out of the run directory and start the run again with hydra.run.dir={run_path} to resume it"
-        return config, {}, "; ".join(damage) + f": {way_out}"
-    return config, metrics, None
+            metrics = read_record(metrics_path, f"move it out of the run directory and {again} to resume it")
+        except UserError as error:
+            damage.append(str(error))
+    return config, metrics, "; ".join(damage) or None
 
 
 def load_run(run_path: Path) -> tuple[dict, dict]:
@@ -422,11 +423,16 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 
 def ensemble_lines(paths: list[Path]) -> list[str]:
-    """The ensembles `softprompt-predict --ensemble` left in the given folders, beside their members' mean and best."""
-    rows = []
+    """The ensembles `softprompt-predict --ensemble` left in the given folders, beside their members' mean and best;
+    a damaged ensemble.json is listed with the way out."""
+    rows, damaged = [], []
     for path in paths:
         if (path / records.ENSEMBLE).is_file():
-            found = records.read_json(path / records.ENSEMBLE)
+            try:
+                found = read_record(path / records.ENSEMBLE, "run softprompt-predict --ensemble again to rewrite it")
+            except UserError as error:
+                damaged.append(f"- {error}")
+                continue
             metric = found["main_metric"]
             rows.append(
                 {
@@ -441,9 +447,10 @@ def ensemble_lines(paths: list[Path]) -> list[str]:
                     "mean log-prob": found["mean_log_prob"][metric],
                 }
             )
-    if not rows:
+    if not rows and not damaged:
         return []
-    return ["## Ensembles", "", pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f"), ""]
+    table = [pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f"), ""] if rows else []
+    return ["## Ensembles", "", *table, *damaged, *([""] if damaged else [])]
 
 
 def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = None) -> dict[str, Path]:

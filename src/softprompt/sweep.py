@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from softprompt import run_dir as records
 from softprompt.config import MethodConfig
-from softprompt.errors import UserError
+from softprompt.errors import read_record
 
 log = logging.getLogger("softprompt")
 
@@ -94,13 +94,9 @@ def completed_record(run_path: Path, key: str) -> dict[str, Any] | None:
     path = run_path / records.METRICS
     if not path.is_file():
         return None
-    try:
-        record = records.read_json(path)
-    except (ValueError, OSError) as error:
-        raise UserError(
-            f"{path} is damaged ({type(error).__name__}: {error}): move it out of the job's folder to train this job "
-            "again (its checkpoint, if any, is resumed)"
-        ) from None
+    record = read_record(
+        path, "move it out of the job's folder to train this job again (its checkpoint, if any, is resumed)"
+    )
     return record if record.get("status") == "completed" and record.get(KEY_FIELD) == key else None
 
 

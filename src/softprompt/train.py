@@ -33,7 +33,7 @@ from softprompt import run_dir as records
 from softprompt.cli import CONF_DIR, precheck, without_hydra
 from softprompt.config import TrainConfig, TrainerConfig, flatten, register_configs, validate
 from softprompt.distributed import check_launch
-from softprompt.errors import ConfigError, UserError, exit_on_user_error, folder_problem
+from softprompt.errors import ConfigError, UserError, exit_on_user_error, folder_problem, read_record
 from softprompt.method import RENDERED_PROMPTS, build_model, parameter_counts, trains, write_rendered_prompts
 from softprompt.pipeline import build_pipeline, evaluate, make_loader
 from softprompt.scorer import PromptedModel
@@ -463,13 +463,10 @@ def check_output_dir(cfg: DictConfig, job: TrainConfig | None) -> None:
         return
     metrics = path / records.METRICS
     if metrics.is_file():
-        try:
-            records.read_json(metrics)
-        except (ValueError, OSError) as error:
-            raise UserError(
-                f"{metrics} is damaged ({type(error).__name__}: {error}): move it out of the run directory to resume "
-                f"from the checkpoint (a new one is written), or choose another {key}"
-            ) from None
+        read_record(
+            metrics,
+            f"move it out of the run directory to resume from the checkpoint (a new one is written), or choose another {key}",
+        )
     checkpoint.find(path, job)
 
 

@@ -12,7 +12,7 @@ from helpers import data_dir, quick_overrides, run_cli
 from softprompt.batching import IGNORE
 from softprompt.cli import compose_config
 from softprompt.config import validate
-from softprompt.errors import DataError
+from softprompt.errors import ConfigError, DataError, UserError
 from softprompt.pipeline import build_pipeline, make_loader
 from softprompt.scorer import PromptedModel, match_candidates
 from softprompt.soft_prompt import attach_prompt, prompt_parameter
@@ -279,6 +279,54 @@ def test_bad_data_is_one_line_and_exit_2(tmp_path, case):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: " + message.format(dir=tmp_path, path=path)]
     assert not run_path.exists()
+
+
+def custom_task(path, *extra: str):
+    return validate(
+        compose_config(
+            [
+                "task=custom",
+                f"task.data_files.train={path}",
+                f"task.data_files.validation={path}",
+                "task.text_fields=[sentence]",
+                CUSTOM_TEMPLATE,
+                "task.labels=[0,1]",
+                *extra,
+            ]
+        )
+    ).task
+
+
+def test_files_in_another_encoding_load_with_task_encoding(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes("sentence,label\ncaf\xe9 cr\xe8me,1\nna\xefve plot,0\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"train.csv, row 2: not valid utf-8 text \(byte b'\\xe9'\): set task.encoding"):
+        load_task(custom_task(path))
+    task = load_task(custom_task(path, "task.encoding=latin-1"))
+    assert task.examples["train"][0].text == "Review: caf\xe9 cr\xe8me Sentiment:"
+
+
+def test_a_csv_field_over_128_kb_loads(tmp_path):
+    path = tmp_path / "train.csv"
+    long = "word " * 60_000
+    path.write_text(f'sentence,label\n"{long}",1\nshort,0\n')
+    task = load_task(custom_task(path))
+    assert len(task.rows["train"][0]["sentence"]) == len(long) > 128 * 1024
+
+
+def test_an_empty_train_split_says_why(tmp_path):
+    path = tmp_path / "one.csv"
+    path.write_text("sentence,label\nfine,1\n")
+    cfg = custom_task(path, "task.dev_from_train=0.5")
+    with pytest.raises(UserError, match="the train split is empty .*task.dev_from_train=0.5 carved every train row"):
+        load_task(cfg)
+
+
+def test_empty_labels_name_the_values_the_data_has(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("sentence,label\nfine,pos\nbad,neg\n")
+    with pytest.raises(ConfigError, match=r"task.labels=\[\] is not allowed: .*\(the train split has: neg, pos\)$"):
+        load_task(custom_task(path, "task.labels=[]"))
 
 
 def test_generated_answers_map_to_candidates():

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from softprompt import run_dir as records
@@ -115,7 +116,21 @@ def find(run_path: Path, cfg: TrainConfig) -> Snapshot | None:
             f"{run_path} holds a checkpoint of another config ({shown}{'; ...' if len(changed) > 3 else ''}): "
             "run the same config to resume, choose another hydra.run.dir, or set trainer.resume=never to start over"
         )
+    if progress.result is None:
+        _check_tensors(folder / TENSORS)
     return Snapshot(folder, progress, state)
+
+
+def _check_tensors(path: Path) -> None:
+    """The tensors a resumed run needs are there and whole: read the header (a truncated file fails here), not the data."""
+    try:
+        with safe_open(str(path), "pt") as handle:
+            handle.keys()
+    except (OSError, SafetensorError) as error:
+        reason = "missing" if not path.exists() else f"damaged: {error}"
+        raise UserError(
+            f"{path} is {reason}; set trainer.resume=never to start this run over (the checkpoint is replaced)"
+        ) from None
 
 
 def _optimizer_parts(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -8,8 +8,10 @@ and wrong types on its own, and `validate` adds the rules types cannot express (
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+import codecs
+import math
+from dataclasses import dataclass, field, is_dataclass
+from typing import Any, Optional, Union, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -67,6 +69,8 @@ class TaskConfig:
     data_files: dict[str, Optional[str]] = field(default_factory=dict)
     # file format: jsonl | csv | tsv | superglue_jsonl | glue_tsv; null guesses from the file extension
     format: Optional[str] = None
+    # text encoding of the task's files (Python's codec names: utf-8, latin-1, cp1252, ...)
+    encoding: str = "utf-8"
     # our split name -> name in the source (file stem or hub split)
     splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "validation": "validation"})
     # carve a dev split from train when the source has none: fraction of train, fixed seed
@@ -220,8 +224,67 @@ def _one_of(key: str, value, allowed) -> None:
 
 
 def _at_least(key: str, value, minimum) -> None:
-    if value is None or value < minimum:
+    if value is None or not value >= minimum:
         raise ConfigError(key, value, f"a number >= {minimum}")
+
+
+def _positive(key: str, value, what: str = "a number > 0") -> None:
+    if value is None or not (value > 0 and math.isfinite(value)):
+        raise ConfigError(key, value, what)
+
+
+def _seed(key: str, value) -> None:
+    # numpy's generators (seeded by accelerate's set_seed) take 0 <= seed < 2**32
+    if not 0 <= value < 2**32:
+        raise ConfigError(key, value, f"a whole number from 0 to {2**32 - 1}")
+
+
+def _schema_path(key: str) -> tuple[str, Any] | str:
+    """The schema type a dotted key names, or the one-line reason it names none."""
+    node: Any = TrainConfig
+    for depth, part in enumerate(key.split(".")):
+        parent = ".".join(key.split(".")[:depth])
+        if not is_dataclass(node):
+            # a value, or a mapping the schema leaves open (model.from_config.*, task.builtin_size.*)
+            return ("open", node) if _is_mapping(node) else f"{key} is not a config key: {parent} is a value"
+        hints = get_type_hints(node)
+        if part not in hints:
+            return f"{key} is not a config key: {parent or 'the root'} has: {', '.join(hints)}"
+        node = hints[part]
+    return "known", node
+
+
+def _is_mapping(hint: Any) -> bool:
+    """dict[...], Optional[dict[...]] or Any: a node that takes keys the schema does not list."""
+    if hint is Any:
+        return True
+    origin = getattr(hint, "__origin__", None)
+    if origin is Union:
+        return any(_is_mapping(arg) for arg in hint.__args__ if arg is not type(None))
+    return origin is dict
+
+
+def unknown_key_message(key: str) -> str | None:
+    """One line naming a dotted key the schema does not have and what its parent has; None for a known key."""
+    found = _schema_path(key)
+    return found if isinstance(found, str) else None
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """A closed schema: a key added with `+key=value` that the schema does not have is refused like a typo."""
+
+    def walk(node: Any, prefix: str) -> None:
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            found = _schema_path(dotted)
+            if isinstance(found, str):
+                raise UserError(found)
+            if found[0] == "known" and is_dataclass(found[1]):
+                walk(value, f"{dotted}.")
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
 
 
 def flatten(tree: dict[str, Any], scalars: bool = False) -> dict[str, Any]:
@@ -244,12 +307,14 @@ def flatten(tree: dict[str, Any], scalars: bool = False) -> dict[str, Any]:
 def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     """Check every rule a type cannot express, so a mistake fails before anything heavy loads."""
     if isinstance(cfg, DictConfig):
+        check_known_keys(cfg)
         try:
             cfg = OmegaConf.to_object(cfg)
         except OmegaConfBaseException as error:
             # an interpolation naming no key, or resolving to the wrong type (${nope}, ${oc.env:HOME} for an int)
             raise UserError(f"{error.full_key}: {str(error).splitlines()[0]}") from None
     model, task, prompt, scorer, trainer, method = cfg.model, cfg.task, cfg.prompt, cfg.scorer, cfg.trainer, cfg.method
+    _seed("seed", cfg.seed)
 
     if model.name_or_path is None and model.from_config is None:
         raise ConfigError("model.name_or_path", None, "a zoo name, hub id or local folder (or set model.from_config)")
@@ -264,11 +329,12 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if model.kind is not None:
         _one_of("model.kind", model.kind, KINDS)
     _one_of("model.dtype", model.dtype, DTYPES)
+    if model.num_params is not None:
+        _at_least("model.num_params", model.num_params, 1)
 
     _at_least("prompt.length", prompt.length, 1)
     _one_of("prompt.init", prompt.init, INITS)
-    if not prompt.init_range > 0:
-        raise ConfigError("prompt.init_range", prompt.init_range, "a number > 0")
+    _positive("prompt.init_range", prompt.init_range)
     _at_least("prompt.vocab_top_k", prompt.vocab_top_k, 1)
     if prompt.init == "text" and not prompt.text:
         raise ConfigError("prompt.text", prompt.text, "a non-empty string when prompt.init=text")
@@ -283,8 +349,7 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if not 0 <= method.encoder_dropout < 1:
         raise ConfigError("method.encoder_dropout", method.encoder_dropout, "a probability in [0, 1)")
     _at_least("method.lora_r", method.lora_r, 1)
-    if not method.lora_alpha > 0:
-        raise ConfigError("method.lora_alpha", method.lora_alpha, "a number > 0")
+    _positive("method.lora_alpha", method.lora_alpha)
     if not 0 <= method.lora_dropout < 1:
         raise ConfigError("method.lora_dropout", method.lora_dropout, "a probability in [0, 1)")
     if method.target_modules is not None and not method.target_modules:
@@ -294,6 +359,7 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
             "module names to adapt (q_proj, query, c_attn, ...), or null for PEFT's default",
         )
     _at_least("method.num_demonstrations", method.num_demonstrations, 0)
+    _seed("method.demonstration_seed", method.demonstration_seed)
     _at_least("method.show_rows", method.show_rows, 0)
 
     _one_of("scorer.name", scorer.name, SCORERS)
@@ -301,15 +367,15 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     _at_least("scorer.max_new_tokens", scorer.max_new_tokens, 1)
 
     _one_of("trainer.optimizer", trainer.optimizer, OPTIMIZERS)
-    if not trainer.lr > 0:
-        raise ConfigError("trainer.lr", trainer.lr, "a learning rate > 0")
-    _at_least("trainer.weight_decay", trainer.weight_decay, 0)
+    _positive("trainer.lr", trainer.lr, "a learning rate > 0")
+    if not (trainer.weight_decay >= 0 and math.isfinite(trainer.weight_decay)):
+        raise ConfigError("trainer.weight_decay", trainer.weight_decay, "a number >= 0")
     _one_of("trainer.scheduler", trainer.scheduler, SCHEDULERS)
     _at_least("trainer.warmup_steps", trainer.warmup_steps, 0)
     _at_least("trainer.batch_size", trainer.batch_size, 1)
     _at_least("trainer.eval_batch_size", trainer.eval_batch_size, 1)
     _at_least("trainer.grad_accum", trainer.grad_accum, 1)
-    if trainer.max_grad_norm is not None and not trainer.max_grad_norm > 0:
+    if trainer.max_grad_norm is not None and not (trainer.max_grad_norm > 0 and math.isfinite(trainer.max_grad_norm)):
         raise ConfigError("trainer.max_grad_norm", trainer.max_grad_norm, "a number > 0, or null for no clipping")
     _at_least("trainer.max_steps", trainer.max_steps, 0)
     _at_least("trainer.eval_every", trainer.eval_every, 1)
@@ -327,6 +393,26 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
         raise ConfigError("trainer.gradient_checkpointing", True, method_spec(method.name).no_gradient_checkpointing)
 
     _at_least("task.max_length", task.max_length, 1)
+    for key in ("max_train_rows", "max_eval_rows"):
+        if getattr(task, key) is not None and getattr(task, key) < 1:
+            raise ConfigError(
+                f"task.{key}",
+                getattr(task, key),
+                "a number of rows >= 1 (0 leaves the split empty), or null for all rows",
+            )
+    _seed("task.dev_seed", task.dev_seed)
+    try:
+        codecs.lookup(task.encoding)
+    except LookupError:
+        raise ConfigError(
+            "task.encoding", task.encoding, "a text encoding: utf-8, latin-1, cp1252, utf-16, ..."
+        ) from None
+    if not task.template:
+        raise ConfigError(
+            "task.template",
+            task.template,
+            "a text with {field} slots; quote it for Hydra inside the shell's quotes: 'task.template=\"{text} It was\"'",
+        )
     for name in task.metrics:
         _one_of("task.metrics", name, METRICS)
     if task.main_metric not in task.metrics:

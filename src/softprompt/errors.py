@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
+import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 EXIT_USER_ERROR = 2
@@ -86,3 +89,28 @@ def exit_on_user_error(main: F) -> F:
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper  # type: ignore[return-value]
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why `path` cannot be a folder this process writes into (None when it can): a file in the way, or no write access."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def read_record(path: Path, way_out: str) -> dict:
+    """A JSON record (metrics.json, ensemble.json) as a mapping; one that is cut short or is not a JSON object is a
+    UserError naming the file, what is wrong and `way_out`."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is damaged ({type(error).__name__}: {error}): {way_out}") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} is damaged (a JSON {type(record).__name__}, not an object): {way_out}")
+    return record

@@ -63,6 +63,15 @@ def check_lengths(cfg: TrainConfig, limit: int | None, answer_tokens: int, conte
             f"fewer: the instruction and demonstrations take {context_tokens} tokens, and with task.max_length"
             f"{' + answer tokens' if answer_tokens else ''} that is {needed}, more than the model's {limit} positions",
         )
+    if needed > limit and cfg.task.max_length + answer_tokens >= limit:
+        # the rows alone leave no room: the prompt is not what is too long
+        raise ConfigError(
+            "task.max_length",
+            cfg.task.max_length,
+            f"at most {limit - prompt - answer_tokens}: the model has {limit} positions"
+            + (f", {prompt} taken by prompt.length" if prompt else "")
+            + (f" and {answer_tokens} by the answer tokens" if answer_tokens else ""),
+        )
     if needed > limit:
         raise ConfigError(
             "prompt.length",

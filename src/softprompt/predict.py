@@ -12,6 +12,7 @@ Two uses:
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import logging
 from collections import Counter
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from softprompt import run_dir as records
 from softprompt.batching import Collator
-from softprompt.errors import UserError, exit_on_user_error
+from softprompt.errors import UserError, exit_on_user_error, folder_problem
 from softprompt.metrics import compute_metrics
 from softprompt.prompt_bank import PromptBank
 from softprompt.task import Example, read_file, read_split
@@ -66,8 +67,10 @@ def score_rows(
     return scores
 
 
-def predict_file(bank: PromptBank, input_path: Path, output_path: Path, prompt_field: str, batch_size: int) -> dict:
-    rows = read_file(input_path, None)
+def predict_file(
+    bank: PromptBank, input_path: Path, output_path: Path, prompt_field: str, batch_size: int, encoding: str = "utf-8"
+) -> dict:
+    rows = read_file(input_path, None, encoding, option="--encoding")
     indices, examples = [], []
     for number, row in enumerate(rows, start=1):
         where = f"{input_path}, row {number}"
@@ -147,6 +150,16 @@ def evaluate_ensemble(bank: PromptBank, batch_size: int) -> dict:
     }
 
 
+def check_output(output: Path, folder: bool) -> None:
+    """--output can be written: checked before any model loads, so a path under a file costs no work."""
+    problem = folder_problem(output if folder else output.parent)
+    if problem is None and not folder and output.is_dir():
+        problem = f"{output} is a folder"
+    if problem:
+        what = "a folder for ensemble.json" if folder else "a predictions file"
+        raise UserError(f"--output {output}: cannot be {what} ({problem}); give another --output")
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="softprompt-predict", description=__doc__.split("\n\n")[0])
@@ -158,16 +171,24 @@ def main(argv: list[str] | None = None) -> None:
         "--ensemble", nargs="+", metavar="RUN_DIR", help="runs of one task to ensemble on its validation split"
     )
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--encoding", default="utf-8", help="text encoding of the --input file (latin-1, cp1252, ...)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} is not allowed: a number >= 1")
     if bool(args.ensemble) == bool(args.prompts):
         raise UserError("give either --prompts NAME=RUN_DIR ... with --input FILE, or --ensemble RUN_DIR ...")
+    try:
+        codecs.lookup(args.encoding)
+    except LookupError:
+        raise UserError(
+            f"--encoding {args.encoding} is not allowed: a text encoding (utf-8, latin-1, cp1252, ...)"
+        ) from None
     if args.ensemble:
+        output = args.output or Path(args.ensemble[0]).resolve().parent
+        check_output(output, folder=True)
         bank = PromptBank.load({Path(path).name or path: path for path in args.ensemble})
         result = evaluate_ensemble(bank, args.batch_size)
-        output = args.output or Path(args.ensemble[0]).resolve().parent
         records.write_json(output / records.ENSEMBLE, result)
         main_metric = result["main_metric"]
         print(
@@ -178,9 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     sources = parse_sources(args.prompts)
     if args.input is None:
         raise UserError("--input FILE is required with --prompts")
-    bank = PromptBank.load(sources)
     output = args.output or args.input.with_name(args.input.stem + ".predictions.jsonl")
-    accuracy = predict_file(bank, args.input, output, args.prompt_field, args.batch_size)
+    check_output(output, folder=False)
+    bank = PromptBank.load(sources)
+    accuracy = predict_file(bank, args.input, output, args.prompt_field, args.batch_size, args.encoding)
     summary = ", ".join(f"{name} accuracy {value:.4f}" for name, value in accuracy.items())
     print(f"wrote {output}" + (f" ({summary})" if summary else ""))
 

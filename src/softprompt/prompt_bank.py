@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from peft import PeftModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -46,7 +49,31 @@ def run_config(run_dir: Path) -> TrainConfig:
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run directory: it has no .hydra/config.yaml")
-    return validate(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path)))
+    try:
+        saved = OmegaConf.load(path)
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as error:
+        raise UserError(
+            f"{path} cannot be read ({type(error).__name__}: {' '.join(str(error).split())}): the run's config is "
+            "damaged; give another run, or train this one again"
+        ) from None
+    try:
+        return validate(OmegaConf.merge(OmegaConf.structured(TrainConfig), saved))
+    except OmegaConfBaseException as error:
+        raise UserError(f"{path}: {' '.join(str(error).split())} (a config this version cannot read)") from None
+
+
+def _prompt_weights(name: str, run_dir: Path) -> dict[str, torch.Tensor]:
+    """The run's saved prompt (and head), refused in one line when missing or damaged."""
+    path = run_dir / "prompt" / "adapter_model.safetensors"
+    try:
+        weights = load_file(str(path)) if path.is_file() else {}
+    except (OSError, SafetensorError) as error:
+        raise UserError(
+            f"prompt {name!r}: {path} is damaged ({error}); train the run again, or give another run"
+        ) from None
+    if PROMPT_KEY not in weights:
+        raise UserError(f"prompt {name!r}: {run_dir} holds no trained prompt (prompt/adapter_model.safetensors)")
+    return weights
 
 
 def _backbone_identity(cfg: TrainConfig) -> str:
@@ -74,9 +101,7 @@ def load_entry(name: str, path: str | Path) -> BankEntry:
         raise UserError(
             f"prompt {name!r}: {run_dir} was trained with method={cfg.method.name}; a prompt bank serves {served} runs"
         )
-    weights = load_file(str(run_dir / "prompt" / "adapter_model.safetensors")) if (run_dir / "prompt").is_dir() else {}
-    if PROMPT_KEY not in weights:
-        raise UserError(f"prompt {name!r}: {run_dir} holds no trained prompt (prompt/adapter_model.safetensors)")
+    weights = _prompt_weights(name, run_dir)
     head_state = {key[len(HEAD_PREFIX) :]: value for key, value in weights.items() if key.startswith(HEAD_PREFIX)}
     return BankEntry(name, run_dir, cfg, Task(cfg.task), load_prompt_file(run_dir), head_state)
 

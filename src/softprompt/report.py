@@ -21,11 +21,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from softprompt import run_dir as records  # noqa: E402
 from softprompt.config import flatten  # noqa: E402
-from softprompt.errors import UserError, exit_on_user_error  # noqa: E402
+from softprompt.errors import UserError, exit_on_user_error, folder_problem, read_record  # noqa: E402
 from softprompt.identity import NON_RESULT_KEYS  # noqa: E402
 from softprompt.registry import DEFAULT_METHOD, METHODS, MethodSpec  # noqa: E402
 
@@ -94,13 +96,29 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return sorted(runs)
 
 
+def _read_record(run_path: Path) -> tuple[dict, dict, str | None]:
+    """A run's flattened config and metrics record, and what in them is damaged with the way out (None if nothing)."""
+    config_path, metrics_path = run_path / ".hydra" / "config.yaml", run_path / records.METRICS
+    again = f"start the run again with hydra.run.dir={run_path}"
+    config, metrics, damage = {}, {}, []
+    try:
+        config = flatten(OmegaConf.to_container(OmegaConf.load(config_path), resolve=False), scalars=True)
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as error:
+        damage.append(
+            f"{config_path} cannot be read ({type(error).__name__}: {' '.join(str(error).split())}): {again} "
+            "(Hydra writes it anew)"
+        )
+    if metrics_path.is_file():
+        try:
+            metrics = read_record(metrics_path, f"move it out of the run directory and {again} to resume it")
+        except UserError as error:
+            damage.append(str(error))
+    return config, metrics, "; ".join(damage) or None
+
+
 def load_run(run_path: Path) -> tuple[dict, dict]:
-    """One run's table row and its flattened config."""
-    config = flatten(
-        OmegaConf.to_container(OmegaConf.load(run_path / ".hydra" / "config.yaml"), resolve=False), scalars=True
-    )
-    metrics_path = run_path / records.METRICS
-    metrics = records.read_json(metrics_path) if metrics_path.is_file() else {}
+    """One run's table row and its flattened config; a run whose records are damaged is a row that says so."""
+    config, metrics, damage = _read_record(run_path)
     metric = metrics.get("main_metric", config.get("task.main_metric"))
     # runs made before methods existed have no method key: they are prompt tuning
     method = metrics.get("method", config.get("method.name", DEFAULT_METHOD))
@@ -122,8 +140,8 @@ def load_run(run_path: Path) -> tuple[dict, dict]:
         "trainable_fraction": counts.get("fraction"),
         "train_seconds": metrics.get("train_seconds"),
         # a run with no metrics.json was stopped before training started
-        "status": metrics.get("status", "incomplete"),
-        "reason": metrics.get("reason"),
+        "status": "damaged" if damage else metrics.get("status", "incomplete"),
+        "reason": damage or metrics.get("reason"),
     }
     return row, config
 
@@ -132,6 +150,9 @@ def tidy_table(runs: list[Path]) -> pd.DataFrame:
     """One row per run; config keys that differ between runs of one model and task as extra columns."""
     loaded = [load_run(run) for run in runs]
     configs = pd.DataFrame([config for _, config in loaded])
+    for key in ("model.name", "task.name"):
+        if key not in configs.columns:
+            configs[key] = None
     if "method.name" not in configs.columns:
         configs["method.name"] = DEFAULT_METHOD
     configs["method.name"] = configs["method.name"].fillna(DEFAULT_METHOD)
@@ -401,11 +422,16 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 
 def ensemble_lines(paths: list[Path]) -> list[str]:
-    """The ensembles `softprompt-predict --ensemble` left in the given folders, beside their members' mean and best."""
-    rows = []
+    """The ensembles `softprompt-predict --ensemble` left in the given folders, beside their members' mean and best;
+    a damaged ensemble.json is listed with the way out."""
+    rows, damaged = [], []
     for path in paths:
         if (path / records.ENSEMBLE).is_file():
-            found = records.read_json(path / records.ENSEMBLE)
+            try:
+                found = read_record(path / records.ENSEMBLE, "run softprompt-predict --ensemble again to rewrite it")
+            except UserError as error:
+                damaged.append(f"- {error}")
+                continue
             metric = found["main_metric"]
             rows.append(
                 {
@@ -420,9 +446,10 @@ def ensemble_lines(paths: list[Path]) -> list[str]:
                     "mean log-prob": found["mean_log_prob"][metric],
                 }
             )
-    if not rows:
+    if not rows and not damaged:
         return []
-    return ["## Ensembles", "", pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f"), ""]
+    table = [pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f"), ""] if rows else []
+    return ["## Ensembles", "", *table, *damaged, *([""] if damaged else [])]
 
 
 def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = None) -> dict[str, Path]:
@@ -430,6 +457,9 @@ def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = 
     runs = find_runs(paths)
     if not runs:
         raise UserError(f"no run directories (folders with .hydra/config.yaml) under {', '.join(map(str, paths))}")
+    problem = folder_problem(out)
+    if problem:
+        raise UserError(f"--out {out}: the report needs a folder there ({problem}); give another --out")
     out.mkdir(parents=True, exist_ok=True)
     table = tidy_table(runs)
     table["run"] = [str(Path(run).relative_to(out)) if Path(run).is_relative_to(out) else run for run in table["run"]]

@@ -20,6 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from softprompt import run_dir as records
+from softprompt.errors import UserError, read_record
 from softprompt.identity import config_key
 from softprompt.registry import DEFAULT_METHOD, METHODS
 from softprompt.run_dir import KEY_FIELD
@@ -37,12 +38,17 @@ def job_name(cfg: DictConfig) -> str:
     return "_".join(re.sub(r"[^\w.-]+", "-", str(part)) for part in parts)
 
 
+# what a sweep says of a job whose metrics.json cannot be read
+DAMAGED_WAY_OUT = "move it out of the job's folder to train this job again (its checkpoint, if any, is resumed)"
+
+
 def completed_record(run_path: Path, key: str) -> dict[str, Any] | None:
     """The earlier run's metrics when it completed with this very config, else None (train again)."""
-    if records.status(run_path) != "completed":
+    path = run_path / records.METRICS
+    if not path.is_file():
         return None
-    record = records.read_json(run_path / records.METRICS)
-    return record if record.get(KEY_FIELD) == key else None
+    record = read_record(path, DAMAGED_WAY_OUT)
+    return record if record.get("status") == "completed" and record.get(KEY_FIELD) == key else None
 
 
 def _resolve_job_name(*, _root_: DictConfig) -> str:
@@ -60,7 +66,8 @@ class ReportCallback(Callback):
     job of this multirun failed, one line naming each with its reason, and exit status 1.
 
     This multirun's jobs are those whose record it wrote (jobs skipped as completed earlier are not
-    touched), so failures left in the same sweep directory by an earlier sweep do not count.
+    touched), so failures left in the same sweep directory by an earlier sweep do not count; a job whose
+    record cannot be read was refused by this multirun whatever its age, and counts as failed.
     """
 
     def __init__(self) -> None:
@@ -75,13 +82,18 @@ class ReportCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         written = write_report([sweep_dir], sweep_dir)
         print(f"report: {written['markdown']}")
-        jobs = [
-            path.parent
-            for path in sorted(sweep_dir.glob(f"*/{records.METRICS}"))
-            if path.stat().st_mtime >= self.started
-        ]
-        failed = {job.name: records.read_json(job / records.METRICS) for job in jobs if records.status(job) == "failed"}
+        jobs, failed = 0, {}
+        for path in sorted(sweep_dir.glob(f"*/{records.METRICS}")):
+            try:
+                record = read_record(path, DAMAGED_WAY_OUT)
+            except UserError as error:
+                jobs, failed[path.parent.name] = jobs + 1, str(error)
+                continue
+            if path.stat().st_mtime >= self.started:
+                jobs += 1
+                if record.get("status") == "failed":
+                    failed[path.parent.name] = record.get("reason")
         if failed:
-            reasons = "; ".join(f"{name}: {record.get('reason')}" for name, record in failed.items())
-            print(f"{len(failed)} of {len(jobs)} jobs failed: {reasons}", file=sys.stderr)
+            reasons = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
+            print(f"{len(failed)} of {jobs} jobs failed: {reasons}", file=sys.stderr)
             sys.exit(1)

@@ -7,10 +7,12 @@ metric logic applies to all of them.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,8 @@ BUILTINS: dict[str, Callable[[str, int, int], list[dict]]] = {"reviews": synthet
 BUILTIN_SIZES = {"train": 2000, "validation": 500, "test": 500}
 # the shared data folder beside the project checkout, used when SOFTPROMPT_DATA is not set
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+# no limit on a CSV field's size (the csv module's default is 128 KB): a long document is a valid row
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 # GLUE header names that cannot be template fields, as the names the task configs use
 GLUE_COLUMNS = {"Quality": "label", "#1 ID": "id1", "#2 ID": "id2", "#1 String": "sentence1", "#2 String": "sentence2"}
 
@@ -88,6 +92,15 @@ class Task:
 
         return FIELD.sub(value, self.cfg.template)
 
+    def empty_reason(self, split: str) -> str:
+        """Why a split holds no rows: the setting that removed them, or the source itself."""
+        if split == "train" and self.cfg.dev_from_train is not None:
+            return (
+                f"task.dev_from_train={self.cfg.dev_from_train} carved every train row into the dev split; "
+                "give more train rows, a smaller fraction, or task.data_files.validation=FILE"
+            )
+        return "its source holds no rows"
+
     def label_index(self, row: dict, where: str = "") -> int:
         if self.cfg.label_field not in row:
             raise DataError(
@@ -110,6 +123,21 @@ class Task:
 
     def build_examples(self, split: str) -> list[Example]:
         origin = self.provenance.get(split, split)
+        if not self.rows[split]:
+            raise UserError(f"the {split} split is empty ({origin}): {self.empty_reason(split)}")
+        if not self.cfg.labels:
+            seen = sorted({str(row[self.cfg.label_field]) for row in self.rows[split] if self.cfg.label_field in row})
+            raise ConfigError(
+                "task.labels",
+                [],
+                "the label values of column "
+                f"{self.cfg.label_field!r} in class order"
+                + (
+                    f" (the {split} split has: {', '.join(seen[:10])}{', ...' if len(seen) > 10 else ''})"
+                    if seen
+                    else ""
+                ),
+            )
         if not any(self.cfg.label_field in row for row in self.rows[split]):
             raise DataError(
                 f"the {split} split has no labels (no row has column {self.cfg.label_field!r}; official test files are "
@@ -127,9 +155,14 @@ class Task:
         ]
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def _open_text(path: Path, encoding: str, **options):
+    """A text file in the task's encoding (UTF-8's byte-order mark skipped)."""
+    return open(path, encoding="utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding, **options)
+
+
+def read_jsonl(path: Path, encoding: str = "utf-8") -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8-sig") as handle:
+    with _open_text(path, encoding) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -143,10 +176,10 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def read_delimited(path: Path, delimiter: str) -> list[dict]:
+def read_delimited(path: Path, delimiter: str, encoding: str = "utf-8") -> list[dict]:
     """CSV/TSV with a header row; GLUE's TSVs have unbalanced quotes, so quoting is off for tabs."""
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with open(path, encoding="utf-8-sig", newline="") as handle:
+    with _open_text(path, encoding, newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
         rows = []
         for number, row in enumerate(reader, start=2):
@@ -158,14 +191,14 @@ def read_delimited(path: Path, delimiter: str) -> list[dict]:
     return rows
 
 
-def read_superglue(path: Path) -> list[dict]:
+def read_superglue(path: Path, encoding: str = "utf-8") -> list[dict]:
     """SuperGLUE jsonl as flat rows: nested fields lifted (WSC's `target` spans), MultiRC one row per answer.
 
     A MultiRC row becomes passage, question, answer, label and question_idx (the group of its answers,
     unique within a split), plus passage_idx and the answer's own idx.
     """
     rows = []
-    for row in read_jsonl(path):
+    for row in read_jsonl(path, encoding):
         passage = row.get("passage")
         if isinstance(passage, dict) and "questions" in passage:
             for question in passage["questions"]:
@@ -184,14 +217,17 @@ def read_superglue(path: Path) -> list[dict]:
     return rows
 
 
-def read_glue(path: Path) -> list[dict]:
+def read_glue(path: Path, encoding: str = "utf-8") -> list[dict]:
     """GLUE tsv: MRPC's header renamed to template-friendly names; every value kept as the file has it.
 
     SST-2's sentences end in a space. It stays: a byte-level BPE tokenizer (SmolLM2, Gemma, GPT-2) reads
     "journey . \nQuestion" and "journey .\nQuestion" as different tokens, so a prompt tuned on altered text
     scores differently on the rows a user, `softprompt-predict` or lm-evaluation-harness reads from the file.
     """
-    return [{GLUE_COLUMNS.get(key, key): value for key, value in row.items()} for row in read_delimited(path, "\t")]
+    return [
+        {GLUE_COLUMNS.get(key, key): value for key, value in row.items()}
+        for row in read_delimited(path, "\t", encoding)
+    ]
 
 
 def _number_or_text(value: str) -> Any:
@@ -201,23 +237,38 @@ def _number_or_text(value: str) -> Any:
     return value
 
 
-READERS: dict[str, Callable[[Path], list[dict]]] = {
+READERS: dict[str, Callable[[Path, str], list[dict]]] = {
     "jsonl": read_jsonl,
-    "csv": lambda path: read_delimited(path, ","),
-    "tsv": lambda path: read_delimited(path, "\t"),
+    "csv": lambda path, encoding: read_delimited(path, ",", encoding),
+    "tsv": lambda path, encoding: read_delimited(path, "\t", encoding),
     "superglue_jsonl": read_superglue,
     "glue_tsv": read_glue,
 }
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".txt": "tsv"}
 
 
-def read_file(path: Path, fmt: str | None) -> list[dict]:
+def read_file(path: Path, fmt: str | None, encoding: str = "utf-8", option: str = "task.encoding") -> list[dict]:
+    """Rows of a CSV, TSV or JSON lines file; `option` is the setting that names another encoding."""
     if not path.is_file():
         raise DataError("file not found", path)
     fmt = fmt or EXTENSIONS.get(path.suffix.lower())
     if fmt not in READERS:
         raise ConfigError("task.format", fmt, "one of: " + ", ".join(READERS))
-    rows = READERS[fmt](path)
+    try:
+        rows = READERS[fmt](path, encoding)
+    except UnicodeDecodeError:
+        data = path.read_bytes()
+        try:
+            data.decode(encoding)
+        except UnicodeDecodeError as error:
+            line, byte = data.count(b"\n", 0, error.start) + 1, data[error.start : error.start + 1]
+        raise DataError(
+            f"not valid {encoding} text (byte {byte!r}): set {option} to the file's encoding (latin-1, cp1252, utf-16, ...)",
+            path,
+            row=line,
+        ) from None
+    except csv.Error as error:
+        raise DataError(f"not a readable {fmt.upper()} file ({error})", path) from None
     if not rows:
         raise DataError("the file holds no rows", path)
     return rows
@@ -264,7 +315,7 @@ def read_split(cfg: TaskConfig, split: str, seed: int = 0) -> tuple[list[dict], 
     if not any(cfg.data_files.values()) and not cfg.data_dir:
         raise ConfigError("task.data_files", {}, "files for train and validation, or task.data_dir, or task.builtin")
     path = _split_file(cfg, split)
-    return read_file(path, cfg.format), str(path)
+    return read_file(path, cfg.format, cfg.encoding), str(path)
 
 
 def load_task(cfg: TaskConfig, splits: tuple[str, ...] = ("train", "validation")) -> Task:

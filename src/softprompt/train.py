@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -35,10 +34,18 @@ from transformers.optimization import Adafactor
 
 from softprompt import checkpoint, sweep
 from softprompt import run_dir as records
-from softprompt.cli import CONF_DIR, compose_config, compose_or_exit, job_overrides, split_argv
+from softprompt.cli import CONF_DIR, precheck, without_hydra
 from softprompt.config import TrainConfig, TrainerConfig, flatten, register_configs, validate
 from softprompt.distributed import check_launch
-from softprompt.errors import EXIT_USER_ERROR, ConfigError, UserError, as_user_error, exit_on_user_error
+from softprompt.errors import (
+    EXIT_USER_ERROR,
+    ConfigError,
+    UserError,
+    as_user_error,
+    exit_on_user_error,
+    folder_problem,
+    read_record,
+)
 from softprompt.method import RENDERED_PROMPTS, build_model, parameter_counts, trains, write_rendered_prompts
 from softprompt.pipeline import Pipeline, build_pipeline, evaluate, make_loader
 from softprompt.registry import DEFAULT_METHOD, method_spec
@@ -494,20 +501,25 @@ def _describe(metrics: dict) -> str:
     return ", ".join(f"{key}={value:.4f}" for key, value in metrics.items())
 
 
-def check_output_dir(argv: list[str]) -> None:
-    """Hydra creates the run directory before any of our code runs: a path it cannot create is a one-line error here."""
-    overrides, multirun = split_argv(argv)
-    hydra_overrides = [item for item in overrides if item not in job_overrides(overrides, False)[0]]
-    first_job = job_overrides(overrides, multirun)[0]
+def check_output_dir(cfg: DictConfig, job: TrainConfig | None) -> None:
+    """Hydra creates the run directory and writes into it before any of our code runs: a path it cannot create,
+    or a run directory this config cannot go on in (damaged records, another config's checkpoint), is a one-line
+    error here, with nothing written. `job` is the validated config of a single run, None for a multirun."""
+    multirun = job is None
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    path = Path(OmegaConf.select(compose_config(first_job + hydra_overrides, return_hydra_config=True), key))
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(key, str(path), f"a folder that can be created ({existing} is a file)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(key, str(path), f"a folder that can be created ({existing} is not writable)")
+    path = Path(OmegaConf.select(cfg, key))
+    problem = folder_problem(path)
+    if problem:
+        raise ConfigError(key, str(path), f"a folder that can be created ({problem})")
+    if multirun:
+        return
+    metrics = path / records.METRICS
+    if metrics.is_file():
+        read_record(
+            metrics,
+            f"move it out of the run directory to resume from the checkpoint (a new one is written), or choose another {key}",
+        )
+    checkpoint.find(path, job)
 
 
 def summary(result: dict, run_path: Path) -> str:
@@ -536,7 +548,13 @@ def hydra_main(raw: DictConfig) -> float | None:
     run_path = Path(hydra_cfg.runtime.output_dir)
     key = sweep.config_key(raw)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    done = sweep.completed_record(run_path, key) if multirun else None
+    try:
+        done = sweep.completed_record(run_path, key) if multirun else None
+    except UserError as error:
+        # a job whose record is damaged is left as it is; the sweep's summary counts it as failed
+        if PartialState().is_main_process:
+            print(f"error: {error}", file=sys.stderr)
+        return None
     if done:
         # a rerun of the same sweep: this job's results are already here
         print(f"skipped, completed earlier with the same config: {run_path}")
@@ -576,10 +594,14 @@ def hydra_main(raw: DictConfig) -> float | None:
 
 @exit_on_user_error
 def main() -> None:
+    """One composition of each job's config before Hydra starts, so a mistake fails in one line with nothing
+    written; Hydra's own commands (--info, --cfg, --shell-completion, ...) go straight to Hydra."""
     register_configs()
     check_launch(sys.argv[1:])
-    compose_or_exit(sys.argv[1:])
-    check_output_dir(sys.argv[1:])
+    found, cfg = precheck(sys.argv[1:])
+    if cfg is not None and found.show is None:
+        # a sweep's jobs are validated each in its own run, so one bad job fails alone
+        check_output_dir(cfg, None if found.multirun else validate(without_hydra(cfg)))
     hydra_main()
 
 

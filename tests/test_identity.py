@@ -58,6 +58,11 @@ def test_one_identity_for_sweeps_checkpoints_and_the_report():
     assert identity.config_key(compose_config(["model=tiny-gpt2", "method=lora", "seed=1"])) != identity.config_key(
         composed
     )
+    # a key added later is left out at the value earlier runs had, and counts at any other
+    other = compose_config(["model=tiny-gpt2", "method=lora", "task.encoding=latin-1"])
+    assert identity.config_key(other) != identity.config_key(composed)
+    assert identity.comparable_config(other)["task.encoding"] == "latin-1"
+    assert "task.encoding" not in identity.comparable_config(composed)
 
 
 def _module_name(path: Path) -> str:

@@ -30,13 +30,16 @@ NON_RESULT_KEYS = (
     "trainer.compile",
 )
 KEY_LENGTH = 10
+# keys added after runs existed, left out while they hold the value every earlier run had, so the
+# config keys of earlier sweeps and the checkpoints of earlier runs stay valid
+LATER_KEYS = {"task.encoding": "utf-8"}
 
 
 def result_config(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
     """The resolved config as plain data, without Hydra's node and the keys that cannot change a result.
 
     Runs made before `method` existed were prompt tuning: the default method with its default knobs is
-    left out, so their config keys and checkpoints stay valid.
+    left out, so their config keys and checkpoints stay valid; so are later keys at their earlier value.
     """
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
@@ -46,13 +49,20 @@ def result_config(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
     if tree.get("method") == asdict(MethodConfig()):
         tree.pop("method")
     for dotted in NON_RESULT_KEYS:
-        *parents, leaf = dotted.split(".")
-        node = tree
-        for parent in parents:
-            node = node.get(parent, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(leaf, None)
+        _drop(tree, dotted)
+    for dotted, earlier in LATER_KEYS.items():
+        _drop(tree, dotted, only=earlier)
     return tree
+
+
+def _drop(tree: dict[str, Any], dotted: str, only: Any = None) -> None:
+    """Remove a dotted key from a nested mapping (where it is present; with `only`, where it holds that value)."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for parent in parents:
+        node = node.get(parent, {}) if isinstance(node, dict) else {}
+    if isinstance(node, dict) and leaf in node and (only is None or node[leaf] == only):
+        node.pop(leaf)
 
 
 def config_key(cfg: DictConfig | TrainConfig) -> str:

@@ -248,17 +248,7 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
                 for x, y in zip(xs, line["mean"]):
                     panel.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
         if reference is not None and by_size:
-            points = reference[reference["task"].isin([task, "*"])]
-            for label, group in points.groupby("label", sort=False):
-                panel.plot(
-                    group["parameters"],
-                    group["value"],
-                    linestyle="--",
-                    marker="s",
-                    fillstyle="none",
-                    color="grey",
-                    label=label,
-                )
+            draw_reference(panel, reference, task, "--")
         if categorical:
             panel.set_xticks(list(positions.values()), list(positions))
         else:
@@ -342,17 +332,7 @@ def draw_methods(summary: pd.DataFrame, x_key: str, reference: pd.DataFrame | No
                 for x, y, model in zip(xs, line["mean"], line["model"]):
                     panel.annotate(model, (x, y), textcoords="offset points", xytext=(5, -10), fontsize=7, color="grey")
         if reference is not None and x_key == "parameters":
-            points = reference[reference["task"].isin([task, "*"])]
-            for label, group in points.groupby("label", sort=False):
-                panel.plot(
-                    group["parameters"],
-                    group["value"],
-                    linestyle=":",
-                    marker="s",
-                    fillstyle="none",
-                    color="grey",
-                    label=label,
-                )
+            draw_reference(panel, reference, task, ":")
         panel.set_xscale("log")
         if x_key == "parameters":
             panel.minorticks_off()
@@ -374,6 +354,21 @@ def draw_methods(summary: pd.DataFrame, x_key: str, reference: pd.DataFrame | No
         panel.grid(True, which="both", alpha=0.3)
         panel.legend(fontsize=8)
     return save_figure(figure, stem)
+
+
+def draw_reference(panel: plt.Axes, reference: pd.DataFrame, task: str, linestyle: str) -> None:
+    """The user's reference points of this task (or of every task, `*`) as grey open squares, one line per label."""
+    points = reference[reference["task"].isin([task, "*"])]
+    for label, group in points.groupby("label", sort=False):
+        panel.plot(
+            group["parameters"],
+            group["value"],
+            linestyle=linestyle,
+            marker="s",
+            fillstyle="none",
+            color="grey",
+            label=label,
+        )
 
 
 def save_figure(figure: plt.Figure, stem: Path) -> list[Path]:

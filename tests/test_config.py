@@ -66,6 +66,7 @@ def composed(overrides: list[str]) -> dict:
     return OmegaConf.to_container(compose_config(overrides), resolve=True)
 
 
+@pytest.mark.slow
 def test_yaml_files_own_the_defaults():
     """A schema default is MISSING or exactly the value the YAML files compose to, so no default lives in two
     places that can disagree. The default composition is train.yaml's defaults list: trainer/default.yaml,
@@ -113,6 +114,7 @@ def test_backbone_is_frozen():
     assert not [n for n, p in pipeline.backbone.model.named_parameters() if p.requires_grad and "prompt" not in n]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides,message",
     [
@@ -156,6 +158,7 @@ def test_validate_rejects_values_types_allow():
         validate(cfg)
 
 
+@pytest.mark.slow
 def test_hydra_flags_are_not_taken_for_overrides():
     from softprompt.cli import split_argv
 

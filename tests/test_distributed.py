@@ -56,6 +56,7 @@ def two_processes(tmp_path_factory):
     return result, root
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_complete_run_directory_and_speak_once(two_processes):
     result, root = two_processes
     runs = list((root / "runs").iterdir())
@@ -83,6 +84,7 @@ def test_two_processes_write_one_complete_run_directory_and_speak_once(two_proce
     assert [entry["step"] for entry in read_log(run_dir)] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(two_processes, train_run):
     _, root = two_processes
     distributed = next((root / "runs").iterdir())
@@ -110,6 +112,7 @@ def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(two_processes, t
         assert accuracy * VALIDATION_ROWS == pytest.approx(round(accuracy * VALIDATION_ROWS), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_distributed_sweep_runs_each_job_as_its_own_accelerate_launch_and_resumes(tmp_path):
     common = [
         "-m",
@@ -148,6 +151,7 @@ def test_distributed_sweep_runs_each_job_as_its_own_accelerate_launch_and_resume
     assert all((sweep_dir / name / "metrics.json").stat().st_mtime_ns == stamp for name, stamp in stamps.items())
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_a_sweep_with_two_processes_per_job(tmp_path):
     """The SLURM code path on one machine: two tasks per job, joined through submitit's environment."""
     result = run_cli(
@@ -187,6 +191,7 @@ def test_slurm_config_starts_one_process_per_gpu_on_every_node():
     assert launcher.timeout_min > 0
 
 
+@pytest.mark.slow
 def test_zero3_is_refused_in_one_line_before_anything_loads():
     result = run_cli(
         "softprompt.train",

@@ -110,6 +110,7 @@ def check_agreement(run_path: Path, result: dict, rows: int, tmp_path: Path) -> 
     assert (plain.argmax(-1) == labels).float().mean().item() == pytest.approx(reported)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama", "tiny-t5"])
 def test_training_time_evaluation_matches_predict_and_plain_peft_on_tiny_models(model, train_run, tmp_path):
     data_dir("sst2")

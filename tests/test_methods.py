@@ -64,6 +64,7 @@ def expected_counts(method: str, model, pipeline) -> int:
     raise AssertionError(method)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", TINY)
 @pytest.mark.parametrize("method", TRAINED)
 def test_each_method_trains_each_architecture_with_exact_counts(train_run, model, method):
@@ -176,6 +177,7 @@ def test_prompt_design_zero_shot_is_the_bare_template(train_run):
     assert "===== validation row 3" in (run_dir / "rendered_prompts.txt").read_text()
 
 
+@pytest.mark.slow
 def test_model_tuning_memory_check_refuses_in_one_line(tmp_path):
     # a llama of ~100B parameters, counted on the meta device: nothing is allocated
     huge = [
@@ -259,6 +261,7 @@ def test_method_mistakes_are_user_errors_before_training(overrides, message):
     assert message in str(error.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "model_tuning"])
 def test_preempted_run_resumes_exactly(train_run, monkeypatch, method):
     overrides = quick_overrides(
@@ -314,6 +317,7 @@ def test_methods_preset_sweeps_methods_and_models():
     assert cfg.task.name == "sst2"
 
 
+@pytest.mark.slow
 def test_report_draws_metric_by_model_size_per_method(tmp_path):
     """Lester Fig. 1 from run folders: one line per method (prompt design per k), model size on a log axis."""
     points = {  # (model, params) x method -> accuracy, trainable

@@ -163,6 +163,7 @@ _FRESH_PROCESS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_fresh_offline_processes_loading_at_once(tmp_path):
     """Two processes with an empty HF cache, offline, in different working directories, load every metric at the same moment."""
     src = Path(softprompt.metrics.__file__).resolve().parents[2]

@@ -295,6 +295,7 @@ def test_rank_scoring_projects_the_last_position_with_one_matrix_product():
     assert "aten::bmm" not in {event.key for event in profile.key_averages()}
 
 
+@pytest.mark.slow
 def test_compiled_backbone_trains_the_same(train_run):
     """trainer.compile: the backbone's forward and backward run as torch.compile'd graphs (dynamic shapes: batches of
     every length) and the run logs the same losses and dev metric as without."""

@@ -52,6 +52,7 @@ def alone(run_dir, overrides):
     return pipeline, predict(scorer, make_loader(pipeline, "validation", False), Accelerator(), progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-gpt2", "tiny-t5"])
 def test_mixed_batch_equals_each_prompt_alone(train_run, tmp_path, model):
     reviews = quick_overrides(model, steps=4, **{"trainer.lr": "0.3"})
@@ -89,6 +90,7 @@ def test_bank_refuses_prompts_of_other_backbones(train_run):
         PromptBank.load({"a": run_a, "b": run_b})
 
 
+@pytest.mark.slow
 def test_predict_cli_mixed_file_and_ensemble(tmp_path):
     """From the command line: two runs trained by softprompt-train, served mixed, then ensembled."""
     runs = []
@@ -141,6 +143,7 @@ def test_predict_cli_mixed_file_and_ensemble(tmp_path):
     assert f"{ensemble['mean']:.4f}" in ensemble_row and f"{ensemble['vote']['accuracy']:.4f}" in ensemble_row
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -154,6 +157,7 @@ def test_predict_mistakes_are_one_line(args, message):
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_inspect_lists_neighbours_and_label_positions(train_run, tmp_path):
     """A class_labels prompt before training sits exactly on its label words: both positions say so."""
     overrides = quick_overrides("tiny-gpt2", steps=0, **{"prompt.length": "3", "prompt.init": "class_labels"})

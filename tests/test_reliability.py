@@ -132,6 +132,7 @@ def user_folder(folder: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_a_data_error_in_a_folder_of_user_files_deletes_nothing(tmp_path):
     """hydra.run.dir=. inside the user's own folder, then a label error in one of its CSV files."""
     folder = tmp_path / "mine"
@@ -142,6 +143,7 @@ def test_a_data_error_in_a_folder_of_user_files_deletes_nothing(tmp_path):
     assert tree(folder) == before
 
 
+@pytest.mark.slow
 def test_a_failed_start_removes_the_folders_it_created_and_nothing_else(tmp_path):
     folder = tmp_path / "mine"
     overrides = user_folder(folder)
@@ -151,6 +153,7 @@ def test_a_failed_start_removes_the_folders_it_created_and_nothing_else(tmp_path
     assert tree(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_resume_must_on_a_folder_of_user_files_deletes_nothing(tmp_path):
     folder = tmp_path / "mine"
     user_folder(folder)
@@ -162,6 +165,7 @@ def test_resume_must_on_a_folder_of_user_files_deletes_nothing(tmp_path):
     assert tree(folder) == before
 
 
+@pytest.mark.slow
 def test_a_refused_rerun_leaves_a_completed_run_byte_identical(tmp_path):
     run_dir = tmp_path / "run"
     overrides = quick_overrides("tiny-bert", steps=2)
@@ -175,6 +179,7 @@ def test_a_refused_rerun_leaves_a_completed_run_byte_identical(tmp_path):
     assert records.status(run_dir) == "completed"
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(tmp_path, uninterrupted):
     at_step = random.randint(EVERY + 1, 30)
     run_dir = tmp_path / "run"
@@ -193,6 +198,7 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(tmp_
     ).read_bytes()
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_143_and_the_rerun_completes_identically(tmp_path, uninterrupted):
     at_step = random.randint(2, 30)
     run_dir = tmp_path / "run"
@@ -211,6 +217,7 @@ def test_sigterm_checkpoints_exits_143_and_the_rerun_completes_identically(tmp_p
     assert outcome(run_dir) == outcome(uninterrupted), f"stopped at step {state['step']}"
 
 
+@pytest.mark.slow
 def test_sigint_is_a_preemption_exit_130_and_the_rerun_completes_identically(tmp_path, uninterrupted):
     at_step = random.randint(2, 30)
     run_dir = tmp_path / "run"
@@ -340,6 +347,7 @@ def test_records_follow_the_umask(train_run):
     assert (run_dir / "group.json").stat().st_mode & 0o777 == 0o640
 
 
+@pytest.mark.slow
 def test_a_sweep_with_a_failed_job_exits_1_after_its_report(tmp_path):
     sweep_dir = tmp_path / "sweep"
     args = quick_overrides("tiny-bert", steps=2, **{"prompt.length": "2,0"})
@@ -359,6 +367,7 @@ def test_a_completed_run_started_again_reports_it_without_training(uninterrupted
     assert ((uninterrupted / records.METRICS).read_text(), (uninterrupted / records.TRAIN_LOG).read_text()) == before
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_fails_the_run_and_keeps_a_finite_prompt(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(
@@ -563,6 +572,7 @@ def _(tmp):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, name):
     bad = CASES[name](tmp_path)
@@ -607,6 +617,7 @@ VALUES = st.one_of(
 OVERRIDE = st.tuples(st.sampled_from(LEAVES + GROUPS), VALUES).map(lambda pair: f"{pair[0]}={pair[1]}")
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(st.lists(OVERRIDE, min_size=1, max_size=3))
 def test_random_overrides_give_a_config_or_a_user_error(overrides):

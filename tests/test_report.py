@@ -121,6 +121,7 @@ def test_runs_differing_in_another_key_are_never_averaged(tmp_path):
     assert "trainer.max_steps" in pd.read_csv(written["results"]).columns
 
 
+@pytest.mark.slow
 def test_reference_points_are_overlaid_with_their_label(sweep, tmp_path):
     reference = tmp_path / "reference.csv"
     reference.write_text("task,parameters,value,label\n*,30000000,0.75,approximate readings of a paper figure\n")

@@ -86,6 +86,7 @@ def test_lester_preset_is_the_paper_setup():
     assert {model.kind for model in sizes} == {"encoder_decoder"}
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_jobs_and_a_failing_job_is_reported(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # prompt.length=0 is impossible: that job fails, the other two complete
@@ -119,6 +120,7 @@ def test_rerun_skips_finished_jobs_and_a_failing_job_is_reported(tmp_path):
     assert time.perf_counter() - started < 60
 
 
+@pytest.mark.slow
 def test_killed_sweep_trains_only_the_missing_jobs(tmp_path):
     sweep_dir = tmp_path / "sweep"
     args = sweep_args(sweep_dir, "2,3,4", steps=40)

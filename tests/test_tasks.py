@@ -150,7 +150,8 @@ def test_official_task_loads_exact_counts_renders_and_trains(train_run, name):
 
 
 def test_boolq_validation_counts_missing_train_is_clear_and_val_can_be_carved(train_run):
-    folder = data_dir("superglue", "BoolQ")
+    # the folder as the task reads it: SOFTPROMPT_DATA made absolute (links resolved)
+    folder = data_dir("superglue", "BoolQ").resolve()
     cfg = validate(compose_config(["task=boolq"]))
     assert len(load_task(cfg.task, ("validation",)).rows["validation"]) == 3270
     with pytest.raises(DataError) as error:
@@ -172,7 +173,7 @@ def test_boolq_validation_counts_missing_train_is_clear_and_val_can_be_carved(tr
 
 
 def test_official_test_split_says_it_has_no_labels():
-    folder = data_dir("superglue", "RTE")
+    folder = data_dir("superglue", "RTE").resolve()
     cfg = validate(compose_config(["task=rte"]))
     with pytest.raises(DataError, match="the test split has no labels .*official test files are unlabelled"):
         load_task(cfg.task, ("test",))
@@ -210,6 +211,7 @@ def write_custom(tmp_path, kind: str) -> tuple[str, str, list[str]]:
 CUSTOM_TEMPLATE = "task.template='Review: {sentence} Sentiment:'"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,model", [("csv", "tiny-bert"), ("jsonl", "tiny-gpt2")])
 def test_custom_task_from_the_command_line(tmp_path, kind, model):
     train, dev, labels = write_custom(tmp_path, kind)
@@ -253,6 +255,7 @@ BAD_DATA = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_DATA))
 def test_bad_data_is_one_line_and_exit_2(tmp_path, case):
     content, message = BAD_DATA[case]

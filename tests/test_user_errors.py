@@ -95,6 +95,7 @@ def copy_run(finished: Path, tmp_path: Path, name: str = "run") -> Path:
 # --- damaged or unusual records -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_with_a_truncated_metrics_json_names_the_file(finished, tmp_path):
     run_path = copy_run(finished, tmp_path)
     metrics = run_path / "metrics.json"
@@ -104,6 +105,7 @@ def test_resume_with_a_truncated_metrics_json_names_the_file(finished, tmp_path)
     assert_refused(result, tmp_path, before, f"{metrics} is damaged", "move it out of the run directory")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_resume_with_a_broken_checkpoint_suggests_resume_never(finished, tmp_path, damage):
     run_path = copy_run(finished, tmp_path)
@@ -132,6 +134,7 @@ def test_sweep_job_with_a_damaged_record_is_named(finished, tmp_path):
         sweep.completed_record(run_path, "anykey")
 
 
+@pytest.mark.slow
 def test_a_sweep_with_a_damaged_job_runs_the_others_and_exits_1(tmp_path):
     """A rerun of a sweep one of whose jobs has a truncated metrics.json: that job gets one line and is counted as
     failed, its folder stays byte-identical, the other job is found completed, and the report is written."""
@@ -182,6 +185,7 @@ def test_predict_with_a_damaged_run_names_the_file(finished, tmp_path, capsys, d
     assert tree(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_latin1_csv_names_the_file_and_task_encoding(tmp_path):
     data = tmp_path / "train.csv"
     data.write_bytes("sentence,label\ncaf\xe9 cr\xe8me,1\nna\xefve plot,0\n".encode("latin-1"))
@@ -259,6 +263,7 @@ def test_a_key_under_a_value_or_a_group_is_named():
 # --- wrong diagnoses -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_wrong_diagnoses_are_right(tmp_path):
     one_row = tmp_path / "one.csv"
     one_row.write_text("sentence,label\nfine,1\n")
@@ -288,6 +293,7 @@ def test_wrong_diagnoses_are_right(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_an_unquoted_template_names_its_key(tmp_path):
     before = tree(tmp_path)
     result = run_cli("softprompt.train", *BUILTIN, "task.template={sentence}", timeout=300, cwd=tmp_path)
@@ -318,6 +324,7 @@ def test_outputs_under_a_file_are_one_line(finished, tmp_path, capsys):
 # --- Hydra's own flags -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["--config-dir", "hydra.searchpath"])
 def test_a_model_and_task_of_the_users_own_folder_train(tmp_path, how):
     folder = user_config_dir(tmp_path)
@@ -332,6 +339,7 @@ def test_a_model_and_task_of_the_users_own_folder_train(tmp_path, how):
     assert record["eval_examples"] == 8
 
 
+@pytest.mark.slow
 def test_hydra_commands_go_to_hydra(tmp_path):
     folder = user_config_dir(tmp_path)
     completion = run_cli("softprompt.train", "--shell-completion", "install=bash", cwd=tmp_path)

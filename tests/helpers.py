@@ -45,6 +45,13 @@ def run_cli(
     )
 
 
+def completed_run(run_path: Path, overrides: list[str], timeout: int = 600) -> Path:
+    """A run trained to completion by `softprompt-train` into run_path, for tests that resume or damage it."""
+    result = run_cli("softprompt.train", *overrides, f"hydra.run.dir={run_path}", timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_path
+
+
 def quick_overrides(model: str = "tiny-bert", steps: int = 4, **extra: str) -> list[str]:
     """Overrides for a run of a few steps on the embedded task, small enough for a unit test."""
     overrides = {

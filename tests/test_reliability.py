@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from helpers import ROOT, quick_overrides, run_cli
+from helpers import ROOT, completed_run, quick_overrides, run_cli
 from softprompt import checkpoint, zoo
 from softprompt import run_dir as records
 from softprompt.cli import compose_config
@@ -87,10 +87,7 @@ def outcome(run_dir: Path) -> tuple[dict, list[tuple]]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = run_cli("softprompt.train", *LONG, f"hydra.run.dir={run_dir}", timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+    return completed_run(tmp_path_factory.mktemp("reference") / "run", LONG)
 
 
 # ---- a failed command deletes or changes nothing it did not create ----

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import quick_overrides, run_cli
+from helpers import completed_run, quick_overrides, run_cli
 from softprompt import predict, report, sweep
 from softprompt.cli import precheck
 from softprompt.config import unknown_key_message
@@ -80,10 +80,7 @@ def user_config_dir(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     """A completed tiny run, copied by each test that damages it."""
-    run_path = tmp_path_factory.mktemp("finished") / "run"
-    result = run_cli("softprompt.train", *BUILTIN, f"hydra.run.dir={run_path}", timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_path
+    return completed_run(tmp_path_factory.mktemp("finished") / "run", BUILTIN, timeout=300)
 
 
 def copy_run(finished: Path, tmp_path: Path, name: str = "run") -> Path:

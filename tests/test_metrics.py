@@ -15,7 +15,7 @@ import pytest
 
 import softprompt.metrics
 from softprompt.errors import ConfigError
-from softprompt.metrics import METRICS, compute_metrics, load_metric, superglue_average
+from softprompt.metrics import METRICS, TEXT_METRICS, compute_metrics, load_metric, superglue_average
 
 # Binary: TP = 3 (idx 0-2), FN = 1 (idx 3), FP = 2 (idx 4-5), TN = 4 (idx 6-9).
 BINARY_REFS = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
@@ -29,6 +29,9 @@ CB_PREDS = [0, 0, 1, 1, 2, 2]
 MULTIRC_GROUPS = [7, 7, 7, 3, 3, 9]
 MULTIRC_REFS = [1, 0, 1, 0, 1, 1]
 MULTIRC_PREDS = [1, 0, 1, 1, 1, 0]
+
+# The metrics of class ids (the text metrics have their own tests in test_generation_metrics.py).
+CLASS_METRICS = [name for name in METRICS if name not in TEXT_METRICS]
 
 
 def test_binary_accuracy_f1_mcc_by_hand():
@@ -78,7 +81,7 @@ def test_accepts_numpy_arrays():
 
 
 def test_all_metrics_give_stable_keys():
-    scores = compute_metrics(METRICS, MULTIRC_PREDS, MULTIRC_REFS, groups=MULTIRC_GROUPS)
+    scores = compute_metrics(CLASS_METRICS, MULTIRC_PREDS, MULTIRC_REFS, groups=MULTIRC_GROUPS)
     assert set(scores) == {"accuracy", "f1", "f1_macro", "mcc", "cb", "multirc_f1a", "multirc_em", "multirc"}
 
 
@@ -94,9 +97,9 @@ def test_empty_predictions_are_an_error():
 
 def test_unknown_metric_is_a_config_error():
     with pytest.raises(ConfigError) as error:
-        load_metric("bleu")
-    assert error.value.key == "task.metrics" and error.value.value == "bleu"
-    assert "one of: accuracy, f1, f1_macro, mcc, cb, multirc" in str(error.value)
+        load_metric("meteor")
+    assert error.value.key == "task.metrics" and error.value.value == "meteor"
+    assert "one of: accuracy, f1, f1_macro, mcc, cb, multirc, bleu, rouge_l, squad, gsm8k" in str(error.value)
     with pytest.raises(ConfigError):
         compute_metrics(["accuracy", "rouge"], [1], [1])
 
@@ -153,10 +156,13 @@ _FRESH_PROCESS = textwrap.dedent(
     while len(list(rendezvous.iterdir())) < count and time.monotonic() < deadline:
         time.sleep(0.005)
 
-    from softprompt.metrics import METRICS, compute_metrics
+    from softprompt.metrics import METRICS, TEXT_METRICS, compute_metrics
 
-    scores = compute_metrics(METRICS, [1, 0, 1, 1, 1, 0], [1, 0, 1, 0, 1, 1], groups=[7, 7, 7, 3, 3, 9])
+    class_metrics = [name for name in METRICS if name not in TEXT_METRICS]
+    scores = compute_metrics(class_metrics, [1, 0, 1, 1, 1, 0], [1, 0, 1, 0, 1, 1], groups=[7, 7, 7, 3, 3, 9])
     assert abs(scores["multirc"] - 13 / 24) < 1e-12, scores
+    for name in TEXT_METRICS:  # one call each: squad and gsm8k both report exact_match
+        compute_metrics([name], ["#### 1"], [["1"]])
     assert not attempts, attempts
     print("ok")
     """

@@ -12,6 +12,7 @@ from helpers import ROOT, quick_overrides, run_cli
 from softprompt.cli import compose_config
 from softprompt.config import (
     INITS,
+    GenerationConfig,
     MethodConfig,
     ModelConfig,
     PromptConfig,
@@ -38,6 +39,7 @@ SCHEMAS = {
     "method": MethodConfig,
     "trainer": TrainerConfig,
     "scorer": ScorerConfig,
+    "generation": GenerationConfig,
 }
 TINY = ["tiny-bert", "tiny-gpt2", "tiny-llama", "tiny-t5"]
 
@@ -72,7 +74,7 @@ def test_yaml_files_own_the_defaults():
     places that can disagree. The default composition is train.yaml's defaults list: trainer/default.yaml,
     prompt/default.yaml, method/prompt_tuning.yaml, and the root's own keys."""
     root = composed([])
-    for section in ("prompt", "method", "trainer", "scorer"):
+    for section in ("prompt", "method", "trainer", "scorer", "generation"):
         for key, value in dataclass_defaults(SCHEMAS[section]).items():
             assert root[section][key] == value, (
                 f"{section}.{key}: the dataclass says {value!r}, the YAML {root[section][key]!r}"

@@ -59,7 +59,8 @@ def bank_scores(run_path: Path, input_path: Path, output: Path) -> tuple[torch.T
     """`softprompt-predict --prompts p=RUN --input dev.tsv`, in process: its per-row scores and accuracy."""
     accuracy = predict_file(PromptBank.load({"p": run_path}), input_path, output, "prompt", batch_size=8)
     rows = [json.loads(line) for line in output.read_text().splitlines()]
-    return torch.tensor([[row["scores"][name] for name in ("0", "1")] for row in rows]), accuracy["p"]
+    assert accuracy["p"][0] == "accuracy"
+    return torch.tensor([[row["scores"][name] for name in ("0", "1")] for row in rows]), accuracy["p"][1]
 
 
 def plain_peft_scores(run_path: Path, input_path: Path, tmp_path: Path) -> torch.Tensor:

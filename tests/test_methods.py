@@ -242,10 +242,6 @@ def test_methods_with_a_head_train_in_fp32_under_a_bf16_backbone(method):
             ["model=tiny-gpt2", "method=lora", "method.target_modules=[nope]"],
             "method.target_modules=['nope'] is not allowed: module names of tiny-gpt2",
         ),
-        (
-            ["model=tiny-gpt2", "method=prefix_tuning", "scorer.name=generate"],
-            "scorer.name='generate' is not allowed: rank or head with method=prefix_tuning",
-        ),
         # a random MPNet (what mpnet-base is) needs no installed weights
         (
             ["model=tiny-bert", "model.from_config.model_type=mpnet", "method=prefix_tuning"],

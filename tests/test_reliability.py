@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from helpers import ROOT, completed_run, quick_overrides, run_cli
+from helpers import ROOT, completed_run, data_dir, quick_overrides, run_cli
 from softprompt import checkpoint, zoo
 from softprompt import run_dir as records
 from softprompt.cli import compose_config
@@ -624,3 +624,32 @@ def test_random_overrides_give_a_config_or_a_user_error(overrides):
         assert "\n" not in str(error).strip()
         return
     assert isinstance(cfg, TrainConfig)
+
+
+@pytest.mark.slow
+def test_a_preempted_generation_run_resumes_to_the_same_answers(tmp_path):
+    """task.eval_rows keeps the best step's parameters in the checkpoint: the resumed run scores the same prompt
+    on the whole split and writes the same answers."""
+    overrides = [
+        *(item for item in quick_overrides("tiny-llama", steps=8) if not item.startswith("task.builtin_size")),
+        *("task=e2e", "task.max_train_rows=48", "task.max_eval_rows=40", "task.eval_rows=3"),
+        *("generation.max_new_tokens=6", "trainer.lr=0.3", "trainer.log_every=1", "trainer.checkpoint_every=1"),
+    ]
+    data_dir("e2e")
+    reference = completed_run(tmp_path / "reference", overrides)
+    run_dir = tmp_path / "run"
+    assert interrupt(run_dir, overrides, signal.SIGTERM, at_step=4).returncode == 128 + signal.SIGTERM
+    assert records.read_json(run_dir / records.METRICS)["status"] == "preempted"
+    completed_run(run_dir, overrides)
+
+    def kept(path: Path) -> tuple:
+        metrics = records.read_json(path / records.METRICS)
+        log = [json.loads(line) for line in (path / records.TRAIN_LOG).read_text().splitlines()]
+        return (
+            {key: value for key, value in metrics.items() if key not in records.TIMING_KEYS},
+            [{key: value for key, value in entry.items() if key != "samples_per_second"} for entry in log],
+            (path / records.PREDICTIONS).read_text(),
+        )
+
+    assert kept(run_dir) == kept(reference)
+    assert records.read_json(reference / records.METRICS)["eval_subset"]["rows"] == 3

@@ -62,7 +62,7 @@ def test_every_experiment_value_composes_and_validates(experiment):
     """Every value each preset sweeps over (every model and task it names) composes and validates."""
     cfg = compose_config([f"experiment={experiment}"], return_hydra_config=True)
     assert cfg.hydra.sweep.dir == f"outputs/sweeps/{experiment}"
-    for key, values in cfg.hydra.sweeper.params.items():
+    for key, values in (cfg.hydra.sweeper.params or {}).items():
         jobs = job_overrides([f"experiment={experiment}", f"{key}={values}"], multirun=True)
         assert len(jobs) >= 2, (key, values)
         for job in jobs:

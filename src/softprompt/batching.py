@@ -34,12 +34,14 @@ class Encoded:
     prompt: int = 0
 
 
-def candidate_tokens(tokenizer: PreTrainedTokenizerBase, kind: str, text: str) -> list[int]:
-    """Answer tokens as the LM scores them: a continuation for decoders, a target ending in EOS for seq2seq."""
-    if kind == "decoder":
-        return tokenizer(" " + text, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+def candidate_tokens(tokenizer: PreTrainedTokenizerBase, kind: str, text: str, ended: bool = False) -> list[int]:
+    """Answer tokens as the LM scores them: a continuation for decoders, a target ending in EOS for seq2seq.
+    `ended`: a decoder's answer ends in EOS too (a written answer, which the model must learn to stop)."""
     end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if kind == "decoder":
+        ids = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+        return ids + ([end] if ended and end is not None else [])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids + ([end] if end is not None else [])
 
 
@@ -75,7 +77,7 @@ def encode(
         if scorer != "head":
             for text in example.candidates:
                 if text not in candidate_cache:
-                    candidate_cache[text] = candidate_tokens(tokenizer, kind, text)
+                    candidate_cache[text] = candidate_tokens(tokenizer, kind, text, example.references is not None)
                     if not candidate_cache[text]:
                         raise ConfigError("task.verbalizer", text, "answers that tokenize to at least one token")
                 candidates.append(candidate_cache[text])
@@ -104,10 +106,12 @@ def _mask(rows: list[list[int]], left: bool = False) -> torch.Tensor:
 
 
 class Collator:
-    """Turns a list of Encoded rows into the tensors one scorer's forward expects."""
+    """Turns a list of Encoded rows into the tensors one scorer's forward expects. `written`: evaluation of a
+    generation task, where each row's input alone is laid out for the model to write after it."""
 
-    def __init__(self, kind: str, scorer: str, pad_token_id: int, all_candidates: bool):
+    def __init__(self, kind: str, scorer: str, pad_token_id: int, all_candidates: bool, written: bool = False):
         self.kind, self.scorer, self.pad, self.all_candidates = kind, scorer, pad_token_id, all_candidates
+        self.written = written and all_candidates
 
     def __call__(self, rows: list[Encoded]) -> dict[str, torch.Tensor]:
         batch = {
@@ -120,6 +124,12 @@ class Collator:
             batch["attention_mask"] = _mask([row.input_ids for row in rows])
             if rows[0].token_type_ids is not None:
                 batch["token_type_ids"] = _pad([row.token_type_ids for row in rows], 0)
+            return batch
+        if self.written:
+            inputs = [row.input_ids for row in rows]
+            left = self.kind == "decoder"
+            batch["query_ids" if left else "input_ids"] = _pad(inputs, self.pad, left=left)
+            batch["query_mask" if left else "attention_mask"] = _mask(inputs, left=left)
             return batch
         pairs = [
             (number, choice)

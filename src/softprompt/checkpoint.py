@@ -53,8 +53,11 @@ class Progress:
     accelerator_step: int = 0
     samples: int = 0
     seconds: float = 0.0
+    # step 0's and the best step's metrics on the rows evaluated during training
     initial: dict[str, float] = field(default_factory=dict)
     best: dict[str, float] = field(default_factory=dict)
+    # step 0's on the whole split, when those rows are task.eval_rows of it
+    initial_full: dict[str, float] = field(default_factory=dict)
     best_step: int = 0
     stale: int = 0
     # the train_log window not yet written
@@ -178,7 +181,8 @@ def start_over(run_path: Path) -> None:
     """No checkpoint to resume from: drop what an earlier attempt left, so no stale record survives."""
     for name in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old", records.PROMPT_DIR):
         shutil.rmtree(run_path / name, ignore_errors=True)
-    (run_path / records.TRAIN_LOG).unlink(missing_ok=True)
+    for name in (records.TRAIN_LOG, records.PREDICTIONS):
+        (run_path / name).unlink(missing_ok=True)
 
 
 def save(
@@ -189,12 +193,15 @@ def save(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     epoch_data_state: torch.Tensor,
+    best_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a complete checkpoint beside the old one, then swap it in (call on the main process only)."""
+    """Write a complete checkpoint beside the old one, then swap it in (call on the main process only).
+    `best_state`: the best step's trainable parameters, kept when the best prompt is evaluated again at the end."""
 
     def fill(build: Path) -> None:
         build.mkdir()
         tensors = {f"model.{name}": p for name, p in model.named_parameters() if p.requires_grad}
+        tensors.update({f"best.{name}": value for name, value in (best_state or {}).items()})
         optimizer_tensors, optimizer_plain = _optimizer_parts(optimizer.state_dict())
         rng_tensors, rng_plain = _random_states()
         tensors.update(optimizer_tensors, **rng_tensors, **{"data.generator": epoch_data_state})
@@ -204,6 +211,8 @@ def save(
         best_prompt = run_path / records.PROMPT_DIR
         if best_prompt.is_dir():
             shutil.copytree(best_prompt, build / BEST_PROMPT)
+        if (run_path / records.PREDICTIONS).is_file():
+            shutil.copy2(run_path / records.PREDICTIONS, build / records.PREDICTIONS)
         state = {
             "format": FORMAT,
             "config": comparable_config(cfg),
@@ -223,9 +232,9 @@ def restore(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     data_generator: torch.Generator,
-) -> None:
-    """Put every saved state back: parameters, optimiser, schedule, random states, data order. Writes no file,
-    so a checkpoint refused here leaves the run directory as it was."""
+) -> dict[str, torch.Tensor] | None:
+    """Put every saved state back: parameters, optimiser, schedule, random states, data order; returns the best
+    step's parameters if they were saved. Writes no file, so a checkpoint refused here leaves the run directory as it was."""
     tensors = load_file(str(snapshot.folder / TENSORS))
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
     saved = {key.removeprefix("model."): value for key, value in tensors.items() if key.startswith("model.")}
@@ -240,6 +249,8 @@ def restore(
     scheduler.load_state_dict(snapshot.state["scheduler"])
     data_generator.set_state(tensors["data.generator"])
     _set_random_states(tensors, snapshot.state["random"])
+    best = {key.removeprefix("best."): value for key, value in tensors.items() if key.startswith("best.")}
+    return best or None
 
 
 def restore_files(snapshot: Snapshot, run_path: Path) -> None:
@@ -252,4 +263,8 @@ def restore_files(snapshot: Snapshot, run_path: Path) -> None:
     if (snapshot.folder / BEST_PROMPT).is_dir():
         records.build_dir(
             run_path / records.PROMPT_DIR, lambda build: shutil.copytree(snapshot.folder / BEST_PROMPT, build)
+        )
+    if (snapshot.folder / records.PREDICTIONS).is_file():
+        records.write_text(
+            run_path / records.PREDICTIONS, (snapshot.folder / records.PREDICTIONS).read_text(encoding="utf-8")
         )

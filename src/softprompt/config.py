@@ -18,7 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from softprompt.errors import ConfigError, UserError
-from softprompt.metrics import METRICS
+from softprompt.metrics import METRIC_KEYS, METRICS, TEXT_METRICS
 from softprompt.registry import DEFAULT_METHOD, METHODS, method_spec
 
 INITS = ("random_uniform", "sampled_vocab", "class_labels", "text", "from_file")
@@ -67,7 +67,7 @@ class TaskConfig:
     data_dir: Optional[str] = None
     # split name -> file, for the user's own CSV / TSV / JSON lines
     data_files: dict[str, Optional[str]] = field(default_factory=dict)
-    # file format: jsonl | csv | tsv | superglue_jsonl | glue_tsv; null guesses from the file extension
+    # file format: jsonl | csv | tsv | superglue_jsonl | glue_tsv | squad_json; null guesses from the file extension
     format: Optional[str] = None
     # text encoding of the task's files (Python's codec names: utf-8, latin-1, cp1252, ...)
     encoding: str = "utf-8"
@@ -76,6 +76,8 @@ class TaskConfig:
     # carve a dev split from train when the source has none: fraction of train, fixed seed
     dev_from_train: Optional[float] = None
     dev_seed: int = 0
+    # carve that dev split by whole groups of this field (SQuAD's article titles), so no group is in both splits
+    carve_by: Optional[str] = None
     text_fields: list[str] = field(default_factory=lambda: ["text"])
     label_field: str = "label"
     template: str = "{text}"
@@ -87,12 +89,18 @@ class TaskConfig:
     choices_fields: list[str] = field(default_factory=list)
     # field grouping rows into questions (MultiRC)
     group_field: Optional[str] = None
+    # a generation task: the field holding the text to write (a string, or a list of reference texts); it
+    # replaces labels and verbalizer. Rows with the same rendered input are scored once, against all their references
+    target_field: Optional[str] = None
     metrics: list[str] = field(default_factory=lambda: ["accuracy"])
     main_metric: str = "accuracy"
     scorers: list[str] = field(default_factory=lambda: ["head", "rank", "generate"])
     max_length: int = 128
     max_train_rows: Optional[int] = None
     max_eval_rows: Optional[int] = None
+    # evaluate during training on this many validation inputs (a fixed sample, seeded by dev_seed) to pick the
+    # best step, then the best prompt on the whole split; null: every evaluation reads the whole split
+    eval_rows: Optional[int] = None
 
 
 @dataclass
@@ -154,7 +162,20 @@ class ScorerConfig:
     name: str = "auto"
     # rank classification: a candidate's score is the sum or the mean of its token log-probabilities
     reduction: str = "sum"
+    # read in configs saved by earlier versions; the generate scorer writes as many tokens as the longest answer
     max_new_tokens: int = 8
+
+
+@dataclass
+class GenerationConfig:
+    """How a generation task's answers are written: batched, KV-cached decoding after the soft prompt."""
+
+    # null: as many as the longest train target has (plus its end-of-sequence token)
+    max_new_tokens: Optional[int] = None
+    # 1: greedy; more: beam search
+    num_beams: int = 1
+    # strings that end an answer (it is cut before them), besides the end-of-sequence token
+    stop: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -207,6 +228,7 @@ class TrainConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
     # where run directories go: Hydra's run dir is ${output_root}/...
@@ -314,6 +336,7 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
             # an interpolation naming no key, or resolving to the wrong type (${nope}, ${oc.env:HOME} for an int)
             raise UserError(f"{error.full_key}: {str(error).splitlines()[0]}") from None
     model, task, prompt, scorer, trainer, method = cfg.model, cfg.task, cfg.prompt, cfg.scorer, cfg.trainer, cfg.method
+    generation = cfg.generation
     _seed("seed", cfg.seed)
 
     if model.name_or_path is None and model.from_config is None:
@@ -365,6 +388,13 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     _one_of("scorer.name", scorer.name, SCORERS)
     _one_of("scorer.reduction", scorer.reduction, REDUCTIONS)
     _at_least("scorer.max_new_tokens", scorer.max_new_tokens, 1)
+    if generation.max_new_tokens is not None:
+        _at_least("generation.max_new_tokens", generation.max_new_tokens, 1)
+    _at_least("generation.num_beams", generation.num_beams, 1)
+    if any(not stop for stop in generation.stop):
+        raise ConfigError(
+            "generation.stop", list(generation.stop), "non-empty strings (an answer is cut before the first)"
+        )
 
     _one_of("trainer.optimizer", trainer.optimizer, OPTIMIZERS)
     _positive("trainer.lr", trainer.lr, "a learning rate > 0")
@@ -393,7 +423,7 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
         raise ConfigError("trainer.gradient_checkpointing", True, method_spec(method.name).no_gradient_checkpointing)
 
     _at_least("task.max_length", task.max_length, 1)
-    for key in ("max_train_rows", "max_eval_rows"):
+    for key in ("max_train_rows", "max_eval_rows", "eval_rows"):
         if getattr(task, key) is not None and getattr(task, key) < 1:
             raise ConfigError(
                 f"task.{key}",
@@ -413,14 +443,34 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
             task.template,
             "a text with {field} slots; quote it for Hydra inside the shell's quotes: 'task.template=\"{text} It was\"'",
         )
-    for name in task.metrics:
-        _one_of("task.metrics", name, METRICS)
-    if task.main_metric not in task.metrics:
-        raise ConfigError("task.main_metric", task.main_metric, "one of task.metrics: " + ", ".join(task.metrics))
-    for name in task.scorers:
-        _one_of("task.scorers", name, SCORERS[1:])
+    _check_task_kind(task)
     if task.verbalizer and len(task.verbalizer) != len(task.labels):
         raise ConfigError("task.verbalizer", list(task.verbalizer), f"one word per label ({len(task.labels)} labels)")
     if task.dev_from_train is not None and not 0 < task.dev_from_train < 1:
         raise ConfigError("task.dev_from_train", task.dev_from_train, "a fraction between 0 and 1")
     return cfg
+
+
+def _check_task_kind(task: TaskConfig) -> None:
+    """A classification task scores class ids; a generation task (task.target_field) scores written text."""
+    generation = task.target_field is not None
+    allowed = TEXT_METRICS if generation else tuple(name for name in METRICS if name not in TEXT_METRICS)
+    what = "for a generation task (task.target_field)" if generation else "for a classification task"
+    for name in task.metrics:
+        _one_of("task.metrics", name, METRICS)
+        if name not in allowed:
+            raise ConfigError("task.metrics", name, f"one of {', '.join(allowed)} {what}")
+    keys = [key for name in task.metrics for key in METRIC_KEYS[name]]
+    if task.main_metric not in keys:
+        raise ConfigError("task.main_metric", task.main_metric, "one of the keys task.metrics give: " + ", ".join(keys))
+    for name in task.scorers:
+        _one_of("task.scorers", name, SCORERS[1:])
+    if generation and list(task.scorers) != ["generate"]:
+        raise ConfigError("task.scorers", list(task.scorers), "[generate] for a generation task (task.target_field)")
+    if generation and (task.labels or task.verbalizer or task.choices_fields):
+        raise ConfigError(
+            "task.target_field",
+            task.target_field,
+            "null for a classification task: task.labels, task.verbalizer and task.choices_fields go with labels, "
+            "a target field replaces them",
+        )

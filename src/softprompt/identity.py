@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from softprompt.config import MethodConfig, TrainConfig, flatten
+from softprompt.config import GenerationConfig, MethodConfig, TrainConfig, flatten
 
 # keys that only say where outputs go, how progress is shown, how often a run checkpoints or whether
 # activations are recomputed: they never change a result
@@ -32,22 +32,23 @@ NON_RESULT_KEYS = (
 KEY_LENGTH = 10
 # keys added after runs existed, left out while they hold the value every earlier run had, so the
 # config keys of earlier sweeps and the checkpoints of earlier runs stay valid
-LATER_KEYS = {"task.encoding": "utf-8"}
+LATER_KEYS = {"task.encoding": "utf-8", "task.target_field": None, "task.eval_rows": None, "task.carve_by": None}
 
 
 def result_config(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
     """The resolved config as plain data, without Hydra's node and the keys that cannot change a result.
 
     Runs made before `method` existed were prompt tuning: the default method with its default knobs is
-    left out, so their config keys and checkpoints stay valid; so are later keys at their earlier value.
+    left out (and the default decoding, which came later), so their config keys and checkpoints stay valid; so are later keys at their earlier value.
     """
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
     else:
         cfg = OmegaConf.structured(cfg)
     tree = OmegaConf.to_container(cfg, resolve=True)
-    if tree.get("method") == asdict(MethodConfig()):
-        tree.pop("method")
+    for section, schema in (("method", MethodConfig), ("generation", GenerationConfig)):
+        if tree.get(section) == asdict(schema()):
+            tree.pop(section)
     for dotted in NON_RESULT_KEYS:
         _drop(tree, dotted)
     for dotted, earlier in LATER_KEYS.items():

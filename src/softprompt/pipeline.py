@@ -21,7 +21,7 @@ from softprompt.batching import Collator, encode, verbalizer_tokens
 from softprompt.config import TrainConfig
 from softprompt.errors import ConfigError
 from softprompt.method import apply_design, check_method, design_context
-from softprompt.metrics import compute_metrics
+from softprompt.metrics import compute_metrics, row_scores
 from softprompt.registry import method_spec
 from softprompt.scorer import resolve_scorer
 from softprompt.task import Task, load_task
@@ -39,6 +39,8 @@ class Pipeline:
     # method=prompt_design: the instruction and demonstrations put before every row, and their token count
     context: str = ""
     context_tokens: int = 0
+    # a generation task: the most tokens an answer may take (generation.max_new_tokens, or the longest train target)
+    max_new_tokens: int = 0
 
     @property
     def max_length(self) -> int:
@@ -106,28 +108,45 @@ def build_pipeline(cfg: TrainConfig, splits: tuple[str, ...] = ("train", "valida
     task = apply_design(task, context)
     # one token of slack: the context and the row may merge differently where they meet
     context_tokens = len(tokenizer(context, add_special_tokens=False)["input_ids"]) + 1 if context else 0
-    answer_tokens = 0
-    if kind == "decoder" and scorer != "head":
+    answer_tokens = max_new_tokens = 0
+    if task.generation:
+        max_new_tokens = cfg.generation.max_new_tokens or longest_target(task, tokenizer, kind)
+        answer_tokens = max_new_tokens if kind == "decoder" else 0
+    elif kind == "decoder" and scorer != "head":
         longest = max((len(c) for e in task.examples[splits[-1]] for c in e.candidates), default=0)
         answer_tokens = max([len(ids) for ids in label_token_ids] + [longest]) + 1
     check_lengths(cfg, max_positions(model_config), answer_tokens, context_tokens)
     backbone = load_backbone(cfg.model, task.num_classes if scorer == "head" else None, tokenizer, model_config)
-    return Pipeline(cfg, task, tokenizer, backbone, scorer, label_token_ids, context, context_tokens)
+    return Pipeline(cfg, task, tokenizer, backbone, scorer, label_token_ids, context, context_tokens, max_new_tokens)
 
 
-def make_loader(pipeline: Pipeline, split: str, training: bool, seed: int = 0) -> DataLoader:
+def longest_target(task: Task, tokenizer: PreTrainedTokenizerBase, kind: str) -> int:
+    """Tokens of the longest target a generation task trains on (its end-of-sequence token included): the
+    answers the model learns are no longer, so decoding needs no more (the train split, else the one loaded)."""
+    examples = task.examples.get("train") or next(iter(task.examples.values()))
+    texts = sorted({reference for example in examples for reference in example.references or []})
+    decoder = kind == "decoder"
+    lengths = tokenizer([" " + text if decoder else text for text in texts], add_special_tokens=False)["input_ids"]
+    return max(len(ids) for ids in lengths) + 1
+
+
+def make_loader(
+    pipeline: Pipeline, split: str, training: bool, seed: int = 0, indices: list[int] | None = None
+) -> DataLoader:
     """Training batches are shuffled from a seeded generator and hold the gold answer only; with
     trainer.group_by_length, shuffled groups of 50 optimiser steps are sorted by length, so a batch
     holds rows of similar length (the groups span a whole step, so its rows do not depend on how many
     processes share it).
 
     Evaluation rows go in order of length, so a batch holds rows of similar length and little
-    padding; `predict` puts the results back in split order.
+    padding; `predict` puts the results back in split order. `indices`: only these rows of the split.
     """
     cfg = pipeline.cfg
     rows = encode(
         pipeline.task.examples[split], pipeline.tokenizer, pipeline.backbone.kind, pipeline.scorer, pipeline.max_length
     )
+    if indices is not None:
+        rows = [rows[index] for index in indices]
     generator = torch.Generator().manual_seed(seed) if training else None
     sampler = None
     if training and cfg.trainer.group_by_length:
@@ -142,7 +161,11 @@ def make_loader(pipeline: Pipeline, split: str, training: bool, seed: int = 0) -
         sampler=sampler,
         generator=generator,
         collate_fn=Collator(
-            pipeline.backbone.kind, pipeline.scorer, pipeline.tokenizer.pad_token_id, all_candidates=not training
+            pipeline.backbone.kind,
+            pipeline.scorer,
+            pipeline.tokenizer.pad_token_id,
+            all_candidates=not training,
+            written=pipeline.task.generation,
         ),
         num_workers=cfg.trainer.num_workers,
     )
@@ -183,3 +206,78 @@ def evaluate(
     groups = [examples[i].group for i in result.indices] if task.cfg.group_field else None
     metrics = compute_metrics(task.cfg.metrics, result.predictions, result.references, groups=groups)
     return {key: round(float(value), 6) for key, value in metrics.items()}
+
+
+@dataclass
+class Decoding:
+    """How answers are written: the token budget, beams, stop strings, and the tokenizer that reads them."""
+
+    tokenizer: PreTrainedTokenizerBase
+    max_new_tokens: int
+    num_beams: int = 1
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, pipeline: Pipeline) -> Decoding:
+        stop = list(pipeline.cfg.generation.stop)
+        separator = pipeline.cfg.method.separator
+        if pipeline.context and separator.strip(" ") and separator not in stop:
+            # prompt design: after its answer the model goes on with another demonstration; the separator ends it
+            stop.append(separator)
+        return cls(pipeline.tokenizer, pipeline.max_new_tokens, pipeline.cfg.generation.num_beams, tuple(stop))
+
+    def write(self, model, batch: dict[str, torch.Tensor], prompts: torch.Tensor | None = None) -> list[str]:
+        """The answers of a batch as text, each cut before its first stop string."""
+        tokenizer = self.tokenizer
+        options = {"eos_token_id": tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else {}
+        if self.stop:
+            options.update(stop_strings=list(self.stop), tokenizer=tokenizer)
+        tokens = model.generate(batch, prompts, self.max_new_tokens, self.num_beams, **options)
+        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return [cut_at_stop(text, self.stop) for text in texts]
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """The text before its first stop string, without surrounding whitespace."""
+    ends = [text.find(string) for string in stop if string in text]
+    return (text[: min(ends)] if ends else text).strip()
+
+
+@torch.no_grad()
+def write_answers(
+    model, loader: DataLoader, accelerator: Accelerator, decoding: Decoding, progress: bool = True
+) -> dict[int, str]:
+    """Each row's written answer by its index in the split, from every process (the last batch's padding dropped)."""
+    unwrapped = accelerator.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    answers: dict[int, str] = {}
+    for batch in tqdm(loader, desc="write", leave=False, disable=not (progress and accelerator.is_main_process)):
+        written = list(zip(batch["index"].tolist(), decoding.write(unwrapped, batch)))
+        answers.update(accelerator.gather_for_metrics(written))
+    unwrapped.train(was_training)
+    return answers
+
+
+def score_answers(
+    task: Task, answers: dict[int, str], split: str = "validation"
+) -> tuple[dict[str, float], list[dict]]:
+    """A generation task's metrics over the written answers, and one record per input (in split order): the
+    input, its references, the answer and the answer's own scores."""
+    examples = task.examples[split]
+    indices = sorted(answers)
+    texts = [answers[index] for index in indices]
+    references = [examples[index].references for index in indices]
+    metrics = compute_metrics(task.cfg.metrics, texts, references)
+    per_row = row_scores(task.cfg.metrics, texts, references)
+    records = [
+        {
+            "index": index,
+            "input": examples[index].text,
+            "references": examples[index].references,
+            "generated": text,
+            "scores": {key: round(float(value), 4) for key, value in scores.items()},
+        }
+        for index, text, scores in zip(indices, texts, per_row)
+    ]
+    return {key: round(float(value), 6) for key, value in metrics.items()}, records

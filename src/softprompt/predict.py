@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from softprompt import run_dir as records
 from softprompt.batching import Collator
 from softprompt.errors import UserError, exit_on_user_error, folder_problem
-from softprompt.metrics import compute_metrics
+from softprompt.metrics import compute_metrics, row_scores
 from softprompt.prompt_bank import PromptBank
 from softprompt.task import Example, read_file, read_split
 
@@ -45,8 +45,12 @@ def parse_sources(items: list[str]) -> dict[str, str]:
 
 
 def example_for(bank: PromptBank, index: int, row: dict, where: str) -> Example:
-    """A row rendered by its prompt's task; the label is optional (-1 when the row has none)."""
+    """A row rendered by its prompt's task; the label (or a generation task's references) is optional: -1 (None)
+    when the row has none."""
     task = bank.entries[index].task
+    if task.generation:
+        references = task.references(row, where) if task.cfg.target_field in row else None
+        return Example(text=task.render(row, where), candidates=[], label=-1, references=references)
     label = task.label_index(row, where) if task.cfg.label_field in row else -1
     return Example(text=task.render(row, where), candidates=task.candidates(row), label=label)
 
@@ -57,6 +61,8 @@ def score_rows(
     """Log-probabilities (rows, choices) of every row under its own prompt, batch by batch."""
     rows = bank.encode(examples, prompt_indices)
     collate = Collator(bank.backbone.kind, bank.scorer, bank.backbone.tokenizer.pad_token_id, all_candidates=True)
+    if bank.generation:
+        raise ValueError("a generation bank writes answers (write_rows), it scores no classes")
     width = max(len(example.candidates) for example in examples)
     scores = torch.full((len(rows), width), float("-inf"))
     for batch in tqdm(
@@ -64,6 +70,42 @@ def score_rows(
     ):
         batch_scores = bank.score(batch)
         scores[batch["index"], : batch_scores.shape[1]] = batch_scores
+    return scores
+
+
+def write_rows(
+    bank: PromptBank, examples: list[Example], prompt_indices: list[int], batch_size: int, progress: bool = True
+) -> list[str]:
+    """Every row's answer under its own prompt, batch by batch (rows sorted by length: little padding)."""
+    rows = sorted(bank.encode(examples, prompt_indices), key=lambda row: len(row.input_ids))
+    collate = Collator(bank.backbone.kind, bank.scorer, bank.backbone.tokenizer.pad_token_id, True, written=True)
+    answers = [""] * len(rows)
+    for batch in tqdm(DataLoader(rows, batch_size=batch_size, collate_fn=collate), desc="write", disable=not progress):
+        for index, text in zip(batch["index"].tolist(), bank.write(batch)):
+            answers[index] = text
+    return answers
+
+
+def write_file(
+    bank: PromptBank, output_path: Path, rows: list[dict], indices: list[int], examples: list[Example], batch_size: int
+) -> dict[str, tuple[str, float]]:
+    """Generation prompts: each row with its answer, and with its scores where the row holds references."""
+    answers = write_rows(bank, examples, indices, batch_size)
+    records_out, by_prompt = [], {}
+    for row, index, example, answer in zip(rows, indices, examples, answers):
+        record = {**row, "prediction": answer}
+        if example.references is not None:
+            by_prompt.setdefault(index, []).append((answer, example.references, len(records_out)))
+        records_out.append(record)
+    scores = {}
+    for index, scored in by_prompt.items():
+        metrics = bank.entries[index].cfg.task.metrics
+        texts, references, positions = zip(*scored)
+        for position, row_score in zip(positions, row_scores(metrics, list(texts), list(references))):
+            records_out[position]["scores"] = row_score
+        main = bank.entries[index].cfg.task.main_metric
+        scores[bank.names[index]] = (main, compute_metrics(metrics, list(texts), list(references))[main])
+    records.write_jsonl(output_path, records_out)
     return scores
 
 
@@ -85,9 +127,11 @@ def predict_file(
             )
         indices.append(index)
         examples.append(example_for(bank, index, row, where))
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    if bank.generation:
+        return write_file(bank, output_path, rows, indices, examples, batch_size)
     scores = score_rows(bank, examples, indices, batch_size)
     predictions = scores.argmax(-1).tolist()
-    output_path.parent.mkdir(parents=True, exist_ok=True)
     build = output_path.with_name(f".{output_path.name}.build")
     correct: Counter = Counter()
     counted: Counter = Counter()
@@ -105,11 +149,17 @@ def predict_file(
                 counted[bank.names[index]] += 1
                 correct[bank.names[index]] += int(prediction == example.label)
     build.replace(output_path)
-    return {name: correct[name] / counted[name] for name in counted}
+    # per prompt, the metric reported for its rows and its value
+    return {name: ("accuracy", correct[name] / counted[name]) for name in counted}
 
 
 def evaluate_ensemble(bank: PromptBank, batch_size: int) -> dict:
     """Each validation row scored by all K prompts in one batch; per-prompt, vote and mean-log-prob metrics."""
+    if bank.generation:
+        raise UserError(
+            "--ensemble combines the class scores of classification prompts; a generation prompt's "
+            "answers are served with --prompts NAME=RUN_DIR --input FILE"
+        )
     task_names = {entry.cfg.task.name for entry in bank.entries}
     if len(task_names) > 1:
         raise UserError(f"an ensemble needs prompts of one task; these are for {', '.join(sorted(task_names))}")
@@ -202,8 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     output = args.output or args.input.with_name(args.input.stem + ".predictions.jsonl")
     check_output(output, folder=False)
     bank = PromptBank.load(sources)
-    accuracy = predict_file(bank, args.input, output, args.prompt_field, args.batch_size, args.encoding)
-    summary = ", ".join(f"{name} accuracy {value:.4f}" for name, value in accuracy.items())
+    scores = predict_file(bank, args.input, output, args.prompt_field, args.batch_size, args.encoding)
+    summary = ", ".join(f"{name} {metric} {value:.4f}" for name, (metric, value) in scores.items())
     print(f"wrote {output}" + (f" ({summary})" if summary else ""))
 
 

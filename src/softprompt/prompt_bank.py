@@ -22,14 +22,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from softprompt import run_dir as records
 from softprompt.backbone import Backbone, head_module, load_backbone
 from softprompt.batching import Encoded, encode
 from softprompt.config import TrainConfig, validate
 from softprompt.errors import UserError
+from softprompt.pipeline import cut_at_stop, longest_target
 from softprompt.registry import METHODS, method_spec
 from softprompt.scorer import PromptedModel, resolve_scorer
 from softprompt.soft_prompt import PROMPT_KEY, load_prompt_file
-from softprompt.task import Example, Task
+from softprompt.task import Example, Task, load_task
 
 HEAD_PREFIX = "base_model."
 
@@ -150,6 +152,8 @@ class PromptBank:
         if len(scorers) > 1:
             raise UserError(f"prompts in one bank must share a scorer; these use {', '.join(sorted(scorers))}")
         self.scorer = scorers.pop()
+        if len({entry.task.generation for entry in entries}) > 1:
+            raise UserError("prompts in one bank must all write answers (generation tasks) or all choose labels")
         for entry in entries:
             if entry.prompt.shape[1] != self.backbone.width:
                 raise UserError(
@@ -163,6 +167,11 @@ class PromptBank:
             if self.scorer == "head"
             else None
         )
+        self.budgets = [self.answer_budget(entry) for entry in entries] if self.generation else []
+
+    @property
+    def generation(self) -> bool:
+        return self.entries[0].task.generation
 
     @classmethod
     def load(cls, sources: dict[str, str | Path]) -> PromptBank:
@@ -196,3 +205,43 @@ class PromptBank:
         """(rows, choices) log-probabilities, every row with its own prompt, in one forward pass."""
         prompts = self.prompts[batch["prompt_index"]]
         return self.model(batch, prompts=prompts, heads=self.heads).scores
+
+    def answer_budget(self, entry: BankEntry) -> int:
+        """The most tokens a prompt's answers take: its generation.max_new_tokens, else what its run recorded
+        (task.json), else its task's longest train target."""
+        if entry.cfg.generation.max_new_tokens:
+            return entry.cfg.generation.max_new_tokens
+        path = entry.run_dir / records.TASK
+        recorded = records.read_json(path).get("max_new_tokens") if path.is_file() else None
+        if recorded:
+            return int(recorded)
+        task = load_task(entry.cfg.task, ("train",))
+        return longest_target(task, self.backbone.tokenizer, self.backbone.kind)
+
+    @torch.no_grad()
+    def write(self, batch: dict[str, torch.Tensor]) -> list[str]:
+        """Every row's answer under its own prompt, in one batched, cached decoding: the batch writes up to the
+        largest budget, and each row is cut to its own prompt's budget and stop strings (passed to the decoder
+        itself when every prompt in the batch shares them)."""
+        tokenizer = self.backbone.tokenizer
+        used = batch["prompt_index"].tolist()
+        stops = {tuple(self.entries[index].cfg.generation.stop) for index in used}
+        # one search serves the batch: the widest of its prompts' generation.num_beams
+        beams = {self.entries[index].cfg.generation.num_beams for index in used}
+        options = {"eos_token_id": tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else {}
+        if len(stops) == 1 and next(iter(stops)):
+            options.update(stop_strings=list(next(iter(stops))), tokenizer=tokenizer)
+        tokens = self.model.generate(
+            batch,
+            self.prompts[batch["prompt_index"]],
+            max(self.budgets[index] for index in used),
+            max(beams),
+            **options,
+        )
+        return [
+            cut_at_stop(
+                tokenizer.decode(row[: self.budgets[index]], skip_special_tokens=True),
+                tuple(self.entries[index].cfg.generation.stop),
+            )
+            for row, index in zip(tokens, used)
+        ]

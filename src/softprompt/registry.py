@@ -208,9 +208,6 @@ register_method(
         adapter=_prefix_tuning,
         peft_type="PREFIX_TUNING",
         prompt_source="prefix",
-        refused_scorers={
-            "generate": "rank or head with method=prefix_tuning (generation from a prefix cache is not supported)"
-        },
         past_key_values=True,
         no_gradient_checkpointing="false with method=prefix_tuning (a checkpointed layer drops the prefix's key/value cache)",
         job_parts=lambda cfg: [cfg.method.name, f"len{cfg.prompt.length}"],

@@ -31,6 +31,8 @@ METRICS = "metrics.json"
 # written by `softprompt-predict --ensemble` into the folder of the prompts it combined
 ENSEMBLE = "ensemble.json"
 TRAIN_LOG = "train_log.jsonl"
+# a generation task's written answers for the evaluated inputs, with their references and scores
+PREDICTIONS = "predictions.jsonl"
 ENV = "env.json"
 TASK = "task.json"
 PROMPT_DIR = "prompt"
@@ -64,6 +66,10 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_json(path: Path) -> Any:

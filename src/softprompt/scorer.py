@@ -36,8 +36,15 @@ from softprompt.soft_prompt import prompt_parameter
 def resolve_scorer(cfg: ScorerConfig, kind: str, task_scorers: list[str]) -> str:
     """The scorer this model kind and task can use; an impossible pair is a one-line config error."""
     name = cfg.name
+    if kind == "encoder" and "head" not in task_scorers and name in ("auto", "head"):
+        raise ConfigError(
+            "scorer.name",
+            name,
+            f"none for an encoder: this task is scored by {', '.join(task_scorers)}, which needs a "
+            "decoder or encoder-decoder language model (model=smollm2-135m, model=t5-small-lm-adapt, ...)",
+        )
     if name == "auto":
-        name = "head" if kind == "encoder" else "rank"
+        name = "head" if kind == "encoder" else next(s for s in ("rank", "generate") if s in task_scorers)
     if name == "head" and kind != "encoder":
         raise ConfigError("scorer.name", name, f"rank or generate for a {kind} model (head needs an encoder)")
     if name != "head" and kind == "encoder":
@@ -268,28 +275,46 @@ class PromptedModel(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, batch: dict[str, torch.Tensor], prompts: torch.Tensor, max_new_tokens: int, use_cache: bool = True
+        self,
+        batch: dict[str, torch.Tensor],
+        prompts: torch.Tensor | None = None,
+        max_new_tokens: int = 8,
+        num_beams: int = 1,
+        use_cache: bool = True,
+        **options,
     ) -> torch.Tensor:
-        """Greedy answer tokens (rows, at most max_new_tokens) after each row's prompt and input.
+        """Answer tokens (rows, at most max_new_tokens) written after each row's prompt and input, greedy or by
+        beam search; `options` go to the backbone's `generate` (eos_token_id, stop_strings with tokenizer, ...).
 
         The backbone's `generate` gets the prompted input embeddings, laid out as the rank scorer lays
-        them out ([prompt][left padding][input] for decoders), so positions skip the padding and a row's
-        answer does not depend on its batch. PEFT's own `generate` would prepend the same prompt, but it
-        drops `position_ids`, which shifts positions in left-padded batches.
+        them out ([prompt][left padding][input] for decoders); it derives positions from the mask, so they
+        skip the padding and a row's answer does not depend on its batch. A prefix (prefix tuning) goes in as
+        the cache the input continues, one copy per beam, its positions counted in the mask. PEFT's own
+        `generate` prepends the same prompt but drops `position_ids`, which shifts positions in left-padded batches.
         """
         decoder = self.kind == "decoder"
         ids, mask = (
             (batch["query_ids"], batch["query_mask"]) if decoder else (batch["input_ids"], batch["attention_mask"])
         )
+        rows = ids.shape[0]
+        prompts = self.row_prompts(rows) if prompts is None else prompts
         inputs, mask = self._prepend(prompts, ids, mask)
+        if self.prefix_length:
+            cache = self.peft_model.get_prompt(rows * num_beams)
+            if decoder:
+                mask = torch.cat([mask.new_ones(rows, self.prefix_length), mask], dim=1)
+            else:
+                cache = EncoderDecoderCache(cache, DynamicCache())
+            options["past_key_values"] = cache
         output = self.backbone.generate(
             inputs_embeds=inputs,
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            num_beams=1,
-            use_cache=use_cache,
+            num_beams=num_beams,
+            use_cache=use_cache or bool(self.prefix_length),
             pad_token_id=self.backbone.generation_config.pad_token_id or 0,
+            **options,
         )
         # decoders return only the new tokens; encoder-decoders start with the decoder start token
         return output if decoder else output[:, 1:]

@@ -48,12 +48,16 @@ if not OmegaConf.has_resolver("softprompt_data"):
 
 @dataclass
 class Example:
-    """One row ready for a scorer: the rendered input, its candidate answers and the gold index."""
+    """One row ready for a scorer: the rendered input, its candidate answers and the gold index.
+
+    A generation task's row has one candidate, the target it is trained to write, and `references`,
+    every text its answer is scored against."""
 
     text: str
     candidates: list[str]
     label: int
     group: Any = None
+    references: list[str] | None = None
 
 
 @dataclass
@@ -76,6 +80,11 @@ class Task:
     @property
     def verbalizer(self) -> list[str]:
         return list(self.cfg.verbalizer) or [str(label) for label in self.cfg.labels]
+
+    @property
+    def generation(self) -> bool:
+        """Whether answers are written (scored against references) rather than chosen among labels."""
+        return self.cfg.target_field is not None
 
     @property
     def num_classes(self) -> int:
@@ -121,10 +130,40 @@ class Task:
             return [str(row[name]) for name in self.cfg.choices_fields]
         return self.verbalizer
 
+    def references(self, row: dict, where: str = "") -> list[str]:
+        """The target texts of a row: a string, a list of strings, or a hub answers mapping ({"text": [...]})."""
+        name = self.cfg.target_field
+        if name not in row:
+            raise DataError(f"missing target field; the row has: {', '.join(row)}", where or None, column=name)
+        value = row[name]
+        if isinstance(value, dict) and "text" in value:
+            value = value["text"]
+        texts = [str(text) for text in value] if isinstance(value, (list, tuple)) else [str(value)]
+        if not texts or not all(text.strip() for text in texts):
+            raise DataError("the target is empty: a generation task needs a text to write", where or None, column=name)
+        return texts
+
+    def build_generation_examples(self, split: str) -> list[Example]:
+        """Train rows each teach one target (a row's first reference). Other splits score each distinct input
+        once, against the references of every row that has it (E2E: one row per reference of a table)."""
+        origin = self.provenance.get(split, split)
+        examples: dict[Any, Example] = {}
+        for number, row in enumerate(self.rows[split], start=1):
+            where = f"{origin}, row {number}"
+            text, references = self.render(row, where), self.references(row, where)
+            key = number if split == "train" else text
+            if key in examples:
+                examples[key].references.extend(references)
+            else:
+                examples[key] = Example(text, references[:1], 0, references=list(references))
+        return list(examples.values())
+
     def build_examples(self, split: str) -> list[Example]:
         origin = self.provenance.get(split, split)
         if not self.rows[split]:
             raise UserError(f"the {split} split is empty ({origin}): {self.empty_reason(split)}")
+        if self.generation:
+            return self.build_generation_examples(split)
         if not self.cfg.labels:
             seen = sorted({str(row[self.cfg.label_field]) for row in self.rows[split] if self.cfg.label_field in row})
             raise ConfigError(
@@ -217,6 +256,28 @@ def read_superglue(path: Path, encoding: str = "utf-8") -> list[dict]:
     return rows
 
 
+def read_squad(path: Path, encoding: str = "utf-8") -> list[dict]:
+    """SQuAD v1.1 JSON as one row per question: id, title, context, question and answers (their texts),
+    the fields the hub's squad dataset has, so one template serves both."""
+    with _open_text(path, encoding) as handle:
+        try:
+            articles = json.load(handle)["data"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError("not a SQuAD JSON file (an object whose 'data' lists articles)", path) from None
+    return [
+        {
+            "id": question["id"],
+            "title": article["title"],
+            "context": paragraph["context"],
+            "question": question["question"],
+            "answers": [answer["text"] for answer in question["answers"]],
+        }
+        for article in articles
+        for paragraph in article["paragraphs"]
+        for question in paragraph["qas"]
+    ]
+
+
 def read_glue(path: Path, encoding: str = "utf-8") -> list[dict]:
     """GLUE tsv: MRPC's header renamed to template-friendly names; every value kept as the file has it.
 
@@ -243,6 +304,7 @@ READERS: dict[str, Callable[[Path, str], list[dict]]] = {
     "tsv": lambda path, encoding: read_delimited(path, "\t", encoding),
     "superglue_jsonl": read_superglue,
     "glue_tsv": read_glue,
+    "squad_json": read_squad,
 }
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".txt": "tsv"}
 
@@ -318,6 +380,45 @@ def read_split(cfg: TaskConfig, split: str, seed: int = 0) -> tuple[list[dict], 
     return read_file(path, cfg.format, cfg.encoding), str(path)
 
 
+def carve_dev(task: Task) -> None:
+    """A dev split carved from train with a fixed seed, so reruns see the same rows; with task.carve_by, whole
+    groups move (SQuAD's articles), so no group is in both splits."""
+    import random
+
+    cfg, rows = task.cfg, task.rows["train"]
+    if cfg.carve_by is None:
+        groups = [[index] for index in range(len(rows))]
+    else:
+        where = task.provenance["train"]
+        if not all(cfg.carve_by in row for row in rows):
+            raise DataError(
+                f"task.carve_by names field {cfg.carve_by!r}, which a row lacks", where, column=cfg.carve_by
+            )
+        by_value: dict[Any, list[int]] = {}
+        for index, row in enumerate(rows):
+            by_value.setdefault(row[cfg.carve_by], []).append(index)
+        groups = list(by_value.values())
+    random.Random(cfg.dev_seed).shuffle(groups)
+    count = max(1, round(len(groups) * cfg.dev_from_train))
+    dev = sorted(index for group in groups[:count] for index in group)
+    kept = sorted(index for group in groups[count:] for index in group)
+    task.rows["validation"] = [rows[i] for i in dev]
+    task.rows["train"] = [rows[i] for i in kept]
+    source = task.provenance["train"]
+    whole = f" in {count} whole {cfg.carve_by} groups" if cfg.carve_by else ""
+    task.provenance["validation"] = f"{source} (dev: {len(dev)} rows{whole} carved with seed {cfg.dev_seed})"
+    task.provenance["train"] = f"{source} (minus the {len(dev)} dev rows)"
+
+
+def eval_subset(size: int, rows: int | None, seed: int) -> list[int]:
+    """The fixed validation inputs evaluated during training: a seeded sample, in split order (all when rows is null)."""
+    import random
+
+    if rows is None or rows >= size:
+        return list(range(size))
+    return sorted(random.Random(seed).sample(range(size), rows))
+
+
 def load_task(cfg: TaskConfig, splits: tuple[str, ...] = ("train", "validation")) -> Task:
     """Read the splits; a dev split carved from train uses a fixed seed so reruns see the same rows."""
     task = Task(cfg)
@@ -326,17 +427,7 @@ def load_task(cfg: TaskConfig, splits: tuple[str, ...] = ("train", "validation")
             continue
         task.rows[split], task.provenance[split] = read_split(cfg, split)
     if cfg.dev_from_train is not None and "validation" in splits:
-        import random
-
-        rows = task.rows["train"]
-        order = list(range(len(rows)))
-        random.Random(cfg.dev_seed).shuffle(order)
-        cut = max(1, round(len(rows) * cfg.dev_from_train))
-        task.rows["validation"] = [rows[i] for i in sorted(order[:cut])]
-        task.rows["train"] = [rows[i] for i in sorted(order[cut:])]
-        source = task.provenance["train"]
-        task.provenance["validation"] = f"{source} (dev: {cut} rows carved with seed {cfg.dev_seed})"
-        task.provenance["train"] = f"{source} (minus the {cut} dev rows)"
+        carve_dev(task)
     limits = {"train": cfg.max_train_rows, "validation": cfg.max_eval_rows}
     for split, limit in limits.items():
         if limit is not None and split in task.rows:

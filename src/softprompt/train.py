@@ -47,9 +47,18 @@ from softprompt.errors import (
     read_record,
 )
 from softprompt.method import RENDERED_PROMPTS, build_model, parameter_counts, trains, write_rendered_prompts
-from softprompt.pipeline import Pipeline, build_pipeline, evaluate, make_loader
+from softprompt.pipeline import (
+    Decoding,
+    Pipeline,
+    build_pipeline,
+    evaluate,
+    make_loader,
+    score_answers,
+    write_answers,
+)
 from softprompt.registry import DEFAULT_METHOD, method_spec
 from softprompt.scorer import PromptedModel
+from softprompt.task import eval_subset
 
 log = logging.getLogger("softprompt")
 
@@ -157,6 +166,15 @@ class Run:
     eval_loader: DataLoader
     identity: dict
     counts: dict
+    # task.eval_rows: the evaluation during training reads those rows (eval_loader), the best prompt then the whole split
+    full_loader: DataLoader | None = None
+    subset: list[int] | None = None
+    # ... for which the best step's trainable parameters are kept
+    best_state: dict[str, torch.Tensor] | None = None
+    decoding: Decoding | None = None
+    # a generation task: the last written answers by row, and the records of the last whole-split evaluation
+    answers: dict[int, str] = field(default_factory=dict)
+    predictions: list[dict] | None = None
     train_loader: DataLoader | None = None
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
@@ -244,19 +262,28 @@ def setup(cfg: TrainConfig, record: records.RunRecord) -> Run:
         "task": pipeline.task.name,
         "scorer": scorer,
     }
+    decoding = Decoding.of(pipeline) if pipeline.task.generation else None
     if not training:
         model, eval_loader = accelerator.prepare(model, make_loader(pipeline, "validation", training=False))
-        return Run(cfg, record, accelerator, pipeline, model, eval_loader, identity, counts)
+        return Run(cfg, record, accelerator, pipeline, model, eval_loader, identity, counts, decoding=decoding)
     train_loader = make_loader(pipeline, "train", training=True, seed=cfg.seed)
     data_order = train_loader.generator
     eval_loader = make_loader(pipeline, "validation", training=False)
+    size = len(pipeline.task.examples["validation"])
+    subset = eval_subset(size, cfg.task.eval_rows, cfg.task.dev_seed)
+    full_loader = None
+    if len(subset) < size:
+        full_loader, eval_loader = eval_loader, make_loader(pipeline, "validation", training=False, indices=subset)
+        full_loader = accelerator.prepare(full_loader)
     optimizer = make_optimizer(cfg.trainer, [p for p in model.parameters() if p.requires_grad])
     scheduler = make_scheduler(cfg.trainer, optimizer)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
-    run = Run(cfg, record, accelerator, pipeline, model, eval_loader, identity, counts, train_loader, optimizer)
-    run.scheduler, run.data_order = scheduler, data_order
+    run = Run(cfg, record, accelerator, pipeline, model, eval_loader, identity, counts, decoding=decoding)
+    run.train_loader, run.optimizer, run.scheduler, run.data_order = train_loader, optimizer, scheduler, data_order
+    if full_loader is not None:
+        run.full_loader, run.subset = full_loader, subset
     run.trainable = [p for p in model.parameters() if p.requires_grad]
     return run
 
@@ -279,10 +306,14 @@ def begin(run: Run, fresh: bool) -> None:
             run.cfg.seed,
         ),
     )
-    record.write(
-        records.TASK,
-        {"name": task.name, "splits": task.provenance, "counts": {s: len(r) for s, r in task.rows.items()}},
-    )
+    described = {"name": task.name, "splits": task.provenance, "counts": {s: len(r) for s, r in task.rows.items()}}
+    if task.generation:
+        described["inputs"] = {split: len(examples) for split, examples in task.examples.items()}
+        # what softprompt-predict writes at most with this run's prompt when generation.max_new_tokens is null
+        described["max_new_tokens"] = run.pipeline.max_new_tokens
+    if run.subset is not None:
+        described["eval_subset"] = {"rows": len(run.subset), "seed": run.cfg.task.dev_seed, "indices": run.subset}
+    record.write(records.TASK, described)
 
 
 def start_or_resume(run: Run, snapshot: checkpoint.Snapshot | None) -> None:
@@ -291,7 +322,7 @@ def start_or_resume(run: Run, snapshot: checkpoint.Snapshot | None) -> None:
     if snapshot is not None:
         run.progress = snapshot.progress
         model = run.accelerator.unwrap_model(run.model)
-        checkpoint.restore(snapshot, model, run.optimizer, run.scheduler, run.data_order)
+        run.best_state = checkpoint.restore(snapshot, model, run.optimizer, run.scheduler, run.data_order)
         run.accelerator.step = run.progress.accelerator_step
     begin(run, fresh=snapshot is None)
     cfg = run.cfg
@@ -306,7 +337,16 @@ def start_or_resume(run: Run, snapshot: checkpoint.Snapshot | None) -> None:
         log.info("resumed from %s at step %d", snapshot.folder, run.progress.step)
         return
     progress = run.progress
-    progress.initial = progress.best = _evaluate(run)
+    if run.subset is None:
+        progress.initial = progress.best = _evaluate(run)
+        _write_predictions(run)
+    else:
+        # step 0 on the whole split, and on the evaluated rows (a generation task scores them from the same answers)
+        progress.initial_full = _evaluate(run, full=True)
+        progress.initial = progress.best = _evaluate(run, reuse=run.pipeline.task.generation)
+        run.best_state = _trained_state(run)
+        run.record.append_log({"step": 0, "eval_subset": progress.initial})
+        log.info("step 0, whole split: %s", _describe(progress.initial_full))
     save_prompt(run)
     log.info("step 0: %s", _describe(progress.initial))
 
@@ -403,9 +443,15 @@ def _evaluate_step(run: Run) -> None:
     current = _evaluate(run)
     run.accelerator.log({f"eval/{key}": value for key, value in current.items()}, step=progress.step)
     log.info("step %d: %s", progress.step, _describe(current))
+    if run.subset is not None:
+        run.record.append_log({"step": progress.step, "eval_subset": current})
     if current[main_metric] > progress.best[main_metric]:
         progress.best, progress.best_step, progress.stale = current, progress.step, 0
         save_prompt(run)
+        if run.subset is None:
+            _write_predictions(run)
+        else:
+            run.best_state = _trained_state(run)
     else:
         progress.stale += 1
     if patience and progress.stale >= patience:
@@ -421,7 +467,16 @@ def save_checkpoint(run: Run) -> None:
     progress.log_bytes = log_path.stat().st_size if log_path.is_file() else 0
     if run.record.main:
         model = run.accelerator.unwrap_model(run.model)
-        checkpoint.save(run.record.path, run.cfg, progress, model, run.optimizer, run.scheduler, run.epoch_data_state)
+        checkpoint.save(
+            run.record.path,
+            run.cfg,
+            progress,
+            model,
+            run.optimizer,
+            run.scheduler,
+            run.epoch_data_state,
+            run.best_state,
+        )
 
 
 def _timing(run: Run) -> dict:
@@ -447,8 +502,9 @@ def _evaluate_design(run: Run) -> dict:
             pipeline.context,
         )
     started = time.perf_counter()
-    run.progress.initial = run.progress.best = _evaluate(run)
+    run.progress.initial = run.progress.best = _evaluate(run, full=True)
     seconds = time.perf_counter() - started
+    _write_predictions(run)
     log.info("prompt design, %d demonstrations: %s", cfg.method.num_demonstrations, _describe(run.progress.best))
     return {
         "context_tokens": pipeline.context_tokens,
@@ -483,6 +539,8 @@ def finish(run: Run, preemption: Preemption, **measured: float) -> dict:
         **measured,
         "seed": run.cfg.seed,
     }
+    if run.subset is not None:
+        result.update(_evaluate_best(run))
     if run.failure:
         run.record.fail(run.failure, **result)
         raise UserError(run.failure)
@@ -493,8 +551,48 @@ def finish(run: Run, preemption: Preemption, **measured: float) -> dict:
     return result
 
 
-def _evaluate(run: Run) -> dict:
-    return evaluate(run.model, run.eval_loader, run.accelerator, run.pipeline.task, run.cfg.trainer.progress_bar)
+def _evaluate(run: Run, full: bool = False, reuse: bool = False) -> dict:
+    """Metrics of the current prompt on the evaluated rows (the whole split with `full`). A generation task writes
+    answers and keeps the last ones (`run.answers`); with `reuse` it scores the evaluated rows from those."""
+    loader = run.full_loader if full and run.full_loader is not None else run.eval_loader
+    task, progress = run.pipeline.task, run.cfg.trainer.progress_bar
+    if not task.generation:
+        return evaluate(run.model, loader, run.accelerator, task, progress)
+    if not reuse:
+        run.answers = write_answers(run.model, loader, run.accelerator, run.decoding, progress)
+    answers = run.answers if run.subset is None or full else {i: run.answers[i] for i in run.subset}
+    metrics, run.predictions = score_answers(task, answers)
+    return metrics
+
+
+def _write_predictions(run: Run) -> None:
+    """predictions.jsonl: the answers of the prompt that prompt/ holds, on the whole split (a generation task)."""
+    if run.predictions is not None and run.record.main:
+        records.write_jsonl(run.record.path / records.PREDICTIONS, run.predictions)
+
+
+def _trained_state(run: Run) -> dict[str, torch.Tensor]:
+    """A copy of the trainable parameters, to evaluate the best step's again at the end."""
+    model = run.accelerator.unwrap_model(run.model)
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _evaluate_best(run: Run) -> dict:
+    """task.eval_rows: the best step's prompt on the whole split; metrics.json's `eval` and `initial_eval` are then
+    the whole split's, and `eval_subset` what training chose by."""
+    model = run.accelerator.unwrap_model(run.model)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in run.best_state:
+                parameter.copy_(run.best_state[name])
+    best = _evaluate(run, full=True)
+    log.info("best prompt (step %d), whole split: %s", run.progress.best_step, _describe(best))
+    _write_predictions(run)
+    return {
+        "eval": best,
+        "initial_eval": run.progress.initial_full,
+        "eval_subset": {"rows": len(run.subset), "best": run.progress.best, "initial": run.progress.initial},
+    }
 
 
 def _describe(metrics: dict) -> str:

@@ -48,8 +48,10 @@ def test_squad_carves_dev_by_whole_articles_with_a_recorded_seed():
     assert len(train_titles) + len(dev_titles) == 48 and len(dev_titles) == 10
     assert len(task.rows["train"]) + len(task.rows["validation"]) == 10570
     assert "10 whole title groups carved with seed 0" in task.provenance["validation"]
-    # every annotator's answer is a reference
+    # every annotator's answer is a reference, and each question id is scored on its own (some are asked twice)
     assert all(1 <= len(example.references) <= 6 for example in task.examples["validation"])
+    assert len(task.examples["validation"]) == len(task.rows["validation"])
+    assert len({example.text for example in task.examples["validation"]}) < len(task.rows["validation"])
     assert task.examples["validation"][0].text.endswith("\nAnswer:")
 
 

@@ -87,7 +87,7 @@ class TaskConfig:
     verbalizer: list[str] = field(default_factory=list)
     # field holding candidate answer texts per row (COPA's choices); overrides the verbalizer
     choices_fields: list[str] = field(default_factory=list)
-    # field grouping rows into questions (MultiRC)
+    # field grouping rows into questions (MultiRC); a generation task scores each group as one input
     group_field: Optional[str] = None
     # a generation task: the field holding the text to write (a string, or a list of reference texts); it
     # replaces labels and verbalizer. Rows with the same rendered input are scored once, against all their references

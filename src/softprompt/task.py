@@ -144,14 +144,16 @@ class Task:
         return texts
 
     def build_generation_examples(self, split: str) -> list[Example]:
-        """Train rows each teach one target (a row's first reference). Other splits score each distinct input
-        once, against the references of every row that has it (E2E: one row per reference of a table)."""
+        """Train rows each teach one target (a row's first reference). Other splits score each input once,
+        against the references of every row that has it (E2E: one row per reference of a table); with
+        task.group_field, each group is one input (SQuAD's question ids: a question asked twice counts twice)."""
         origin = self.provenance.get(split, split)
+        group = self.cfg.group_field
         examples: dict[Any, Example] = {}
         for number, row in enumerate(self.rows[split], start=1):
             where = f"{origin}, row {number}"
             text, references = self.render(row, where), self.references(row, where)
-            key = number if split == "train" else text
+            key = number if split == "train" else (text, row.get(group)) if group else text
             if key in examples:
                 examples[key].references.extend(references)
             else:

@@ -13,7 +13,15 @@ from softprompt.cli import compose_config
 from softprompt.config import validate
 from softprompt.errors import ConfigError
 from softprompt.method import build_model
-from softprompt.pipeline import Decoding, build_pipeline, cut_at_stop, make_loader, score_answers, write_answers
+from softprompt.pipeline import (
+    Decoding,
+    build_pipeline,
+    cut_at_stop,
+    make_loader,
+    score_answers,
+    stop_strings,
+    write_answers,
+)
 from softprompt.scorer import PromptedModel
 from softprompt.task import load_task
 
@@ -148,6 +156,9 @@ def test_an_encoder_cannot_write_answers():
 
 
 def test_answers_stop_at_the_first_stop_string():
+    # what the command line gives for 'generation.stop=["\n"]': Hydra keeps the backslash
+    assert stop_strings(["\\n", "###", "a\\tb"]) == ("\n", "###", "a\tb")
+    assert compose_config(['generation.stop=["\\n"]']).generation.stop == ["\\n"]
     assert cut_at_stop(" Paris.\nQuestion: next", ("\n",)) == "Paris."
     assert cut_at_stop("a b", ("\n", "###")) == "a b"
     assert cut_at_stop("x ### y \n z", ("\n", "###")) == "x"

@@ -219,7 +219,7 @@ class Decoding:
 
     @classmethod
     def of(cls, pipeline: Pipeline) -> Decoding:
-        stop = list(pipeline.cfg.generation.stop)
+        stop = list(stop_strings(pipeline.cfg.generation.stop))
         separator = pipeline.cfg.method.separator
         if pipeline.context and separator.strip(" ") and separator not in stop:
             # prompt design: after its answer the model goes on with another demonstration; the separator ends it
@@ -235,6 +235,12 @@ class Decoding:
         tokens = model.generate(batch, prompts, self.max_new_tokens, self.num_beams, **options)
         texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
         return [cut_at_stop(text, self.stop) for text in texts]
+
+
+def stop_strings(stop: list[str]) -> tuple[str, ...]:
+    """generation.stop as the strings it means: `\\n` and `\\t` typed on a command line, which Hydra keeps as two
+    characters each, are a newline and a tab."""
+    return tuple(string.replace("\\n", "\n").replace("\\t", "\t") for string in stop)
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:

@@ -27,7 +27,7 @@ from softprompt.backbone import Backbone, head_module, load_backbone
 from softprompt.batching import Encoded, encode
 from softprompt.config import TrainConfig, validate
 from softprompt.errors import UserError
-from softprompt.pipeline import cut_at_stop, longest_target
+from softprompt.pipeline import cut_at_stop, longest_target, stop_strings
 from softprompt.registry import METHODS, method_spec
 from softprompt.scorer import PromptedModel, resolve_scorer
 from softprompt.soft_prompt import PROMPT_KEY, load_prompt_file
@@ -225,7 +225,7 @@ class PromptBank:
         itself when every prompt in the batch shares them)."""
         tokenizer = self.backbone.tokenizer
         used = batch["prompt_index"].tolist()
-        stops = {tuple(self.entries[index].cfg.generation.stop) for index in used}
+        stops = {stop_strings(self.entries[index].cfg.generation.stop) for index in used}
         # one search serves the batch: the widest of its prompts' generation.num_beams
         beams = {self.entries[index].cfg.generation.num_beams for index in used}
         options = {"eos_token_id": tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else {}
@@ -241,7 +241,7 @@ class PromptBank:
         return [
             cut_at_stop(
                 tokenizer.decode(row[: self.budgets[index]], skip_special_tokens=True),
-                tuple(self.entries[index].cfg.generation.stop),
+                stop_strings(self.entries[index].cfg.generation.stop),
             )
             for row, index in zip(tokens, used)
         ]

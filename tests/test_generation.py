@@ -128,6 +128,9 @@ def test_every_method_trains_on_written_targets(train_run, model, method):
     assert result["steps"] == (0 if method == "prompt_design" else 2)
     written = [json.loads(line) for line in (run_path / "predictions.jsonl").read_text().splitlines()]
     assert len(written) == result["eval_examples"] == 4
+    if method == "prompt_design":
+        rendered = (run_path / "rendered_prompts.txt").read_text()
+        assert "the model writes its answer" in rendered and f"references: {written[0]['references'][0]}" in rendered
 
 
 @pytest.mark.parametrize(

@@ -238,18 +238,23 @@ def apply_design(task: Task, context: str) -> Task:
 def write_rendered_prompts(path: Path, task: Task, tokenizer, max_length: int, rows: int, context: str) -> None:
     """The exact text the model reads for the first validation rows, with their candidates and gold answer."""
     examples = task.examples["validation"][:rows]
+    scoring = (
+        "the model writes its answer after the text, scored against the references"
+        if task.generation
+        else "each candidate answer is scored after the text (rank classification)"
+    )
     lines = [
         f"# prompt design on {task.name}: instruction and demonstrations ({len(tokenizer(context, add_special_tokens=False)['input_ids'])} tokens) "
-        f"then the row's template; each candidate answer is scored after the text (rank classification)",
+        f"then the row's template; {scoring}",
         "",
     ]
     for number, example in enumerate(examples, start=1):
         tokens = len(tokenizer(example.text)["input_ids"])
         note = f", cut to {max_length} tokens (task.max_length + the context)" if tokens > max_length else ""
-        lines += [
-            f"===== validation row {number}: {tokens} tokens{note}; candidates: {' | '.join(example.candidates)}; "
-            f"gold: {example.candidates[example.label]} =====",
-            example.text,
-            "",
-        ]
+        answers = (
+            f"references: {' | '.join(example.references)}"
+            if task.generation
+            else f"candidates: {' | '.join(example.candidates)}; gold: {example.candidates[example.label]}"
+        )
+        lines += [f"===== validation row {number}: {tokens} tokens{note}; {answers} =====", example.text, ""]
     path.write_text("\n".join(lines), encoding="utf-8")

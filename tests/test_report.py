@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import statistics
 
 import pandas as pd
@@ -119,6 +120,32 @@ def test_runs_differing_in_another_key_are_never_averaged(tmp_path):
     summary = pd.read_csv(written["summary"])
     assert sorted(summary["mean"]) == [0.6, 0.9] and set(summary["seeds"]) == {1}
     assert "trainer.max_steps" in pd.read_csv(written["results"]).columns
+
+
+def test_legends_sit_beside_the_data_and_equal_values_stay_visible(tmp_path, monkeypatch):
+    """Two tasks, two prompt lengths with equal accuracies on each model: every point is drawn at its own
+    place, and no legend covers a panel."""
+    for task in ("rte", "cb"):
+        for (model, params, length, seed), _ in ACCURACY.items():
+            record = {**completed(model, params, length, seed, 0.75), "task": task}
+            overrides = [f"task={task}", f"model={model}", f"prompt.length={length}", f"seed={seed}"]
+            make_run(tmp_path, f"{task}_{model}_{length}_{seed}", overrides, record)
+    figures = []
+    # each figure as saved, laid out: the report closes it right after
+    monkeypatch.setattr(importlib.import_module("matplotlib.pyplot"), "close", figures.append)
+    write_report([tmp_path], tmp_path)
+    assert figures
+    for figure in figures:
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()
+        panels = [panel for panel in figure.axes if panel.has_data()]
+        assert len(panels) == 2
+        for panel in panels:
+            legend = panel.get_legend().get_window_extent(renderer)
+            for other in panels:
+                assert not legend.overlaps(other.get_window_extent(renderer))
+            points = [(x, y) for container in panel.containers for x, y in zip(*container.lines[0].get_data())]
+            assert len(points) == 4 and len(set(points)) == len(points), points
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from helpers import ROOT, quick_overrides, run_cli
 from softprompt.cli import compose_config, job_overrides
@@ -59,11 +60,16 @@ def test_completed_record_needs_the_same_key(tmp_path):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_value_composes_and_validates(experiment):
-    """Every value each preset sweeps over (every model and task it names) composes and validates."""
+    """Every value each preset sweeps over (every model and task it names, both ends of a range Optuna searches)
+    composes and validates."""
     cfg = compose_config([f"experiment={experiment}"], return_hydra_config=True)
     assert cfg.hydra.sweep.dir == f"outputs/sweeps/{experiment}"
     for key, values in (cfg.hydra.sweeper.params or {}).items():
-        jobs = job_overrides([f"experiment={experiment}", f"{key}={values}"], multirun=True)
+        (swept,) = OverridesParser.create().parse_overrides([f"{key}={values}"])
+        if swept.is_interval_sweep():
+            jobs = [[f"experiment={experiment}", f"{key}={end}"] for end in (swept.value().start, swept.value().end)]
+        else:
+            jobs = job_overrides([f"experiment={experiment}", f"{key}={values}"], multirun=True)
         assert len(jobs) >= 2, (key, values)
         for job in jobs:
             validate(compose_config(job))

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from helpers import completed_run, quick_overrides, run_cli
-from softprompt import predict, report, sweep
+from softprompt import predict, sweep
 from softprompt.cli import precheck
 from softprompt.config import unknown_key_message
 from softprompt.errors import UserError
+from softprompt.report import main as report_main
 
 # a few steps of a tiny model on a task chosen by each test
 TINY = [item for item in quick_overrides("tiny-bert", steps=2) if not item.startswith(("task.builtin_size", "model="))]
@@ -158,7 +159,7 @@ def test_report_lists_a_damaged_run_and_reports_the_others(finished, tmp_path, c
     (listed / "metrics.json").write_text("[1, 2]\n")
     (runs / "ensemble.json").write_text('{"task": ')
     before = tree(runs)
-    report.main([str(runs), "--out", str(tmp_path / "report")])
+    report_main([str(runs), "--out", str(tmp_path / "report")])
     table = (tmp_path / "report" / "results.csv").read_text()
     assert tree(runs) == before
     rows = {Path(line.split(",")[0]).name: line for line in table.splitlines()[1:]}
@@ -313,7 +314,7 @@ def test_outputs_under_a_file_are_one_line(finished, tmp_path, capsys):
         capsys,
     )
     assert f"{afile} is a file" in line and "--output" in line
-    line = refused_in_process(report.main, [str(run_path), "--out", str(afile / "rep")], capsys)
+    line = refused_in_process(report_main, [str(run_path), "--out", str(afile / "rep")], capsys)
     assert f"{afile} is a file" in line and "--out" in line
     assert tree(tmp_path) == before
 

@@ -231,14 +231,15 @@ def load_backbone(
     else:
         source = resolve_source(cfg.name_or_path)
         try:
-            model = cls.from_pretrained(
-                source,
-                config=config,
-                dtype=dtype,
-                revision=cfg.revision,
-                trust_remote_code=cfg.trust_remote_code,
-                use_safetensors=True,
-            )
+            with _fresh_head_unreported():
+                model = cls.from_pretrained(
+                    source,
+                    config=config,
+                    dtype=dtype,
+                    revision=cfg.revision,
+                    trust_remote_code=cfg.trust_remote_code,
+                    use_safetensors=True,
+                )
         except OSError as error:
             raise _hub_failure("model.name_or_path", cfg.name_or_path, error) from None
     model.requires_grad_(False)
@@ -259,6 +260,29 @@ def load_backbone(
 
 
 HEAD_NAMES = ("classifier", "score")
+
+
+class _FreshHeadReport(logging.Filter):
+    """transformers reports the classification head we add as missing weights on every load: expected, so a load
+    report that names only head weights is dropped; one that names any other weight still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "LOAD REPORT" not in text:
+            return True
+        rows = [line.split("|")[0].strip() for line in text.splitlines() if line.count("|") >= 2]
+        keys = [key for key in rows if key and key != "Key" and not key.startswith("-")]
+        return not keys or not all(_is_head(key) for key in keys)
+
+
+@contextlib.contextmanager
+def _fresh_head_unreported():
+    logger, report_filter = logging.getLogger("transformers.modeling_utils"), _FreshHeadReport()
+    logger.addFilter(report_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(report_filter)
 
 
 def _is_head(parameter_name: str) -> bool:

@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from softprompt.config import check_known_keys, register_configs, unknown_key_message
 from softprompt.errors import UserError
+from softprompt.search import missing_plugin
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 CONFIG_NAME = "train"
@@ -118,7 +119,8 @@ def _message(error: Exception) -> str:
     if isinstance(error, MissingConfigException) and error.options is not None:
         group = (error.missing_cfg_file or "").rsplit("/", 1)[0]
         value = (error.missing_cfg_file or "").rsplit("/", 1)[-1]
-        return f"{group}={value!r} is not allowed: one of: {', '.join(sorted(error.options))}"
+        allowed = f"{group}={value!r} is not allowed: one of: {', '.join(sorted(error.options))}"
+        return missing_plugin(group, value) or allowed
     unknown = re.match(r"Could not override '([\w.]+)'", str(error))
     named = unknown_key_message(unknown.group(1)) if unknown else None
     if named:

@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from softprompt.errors import ConfigError, UserError
 from softprompt.metrics import METRIC_KEYS, METRICS, TEXT_METRICS
 from softprompt.registry import DEFAULT_METHOD, METHODS, method_spec
+from softprompt.search import register_sweeper
 
 INITS = ("random_uniform", "sampled_vocab", "class_labels", "text", "from_file")
 SCORERS = ("auto", "head", "rank", "generate")
@@ -30,6 +31,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 REDUCTIONS = ("sum", "mean")
 RESUME_MODES = ("auto", "never", "must")
+SOURCES = ("files", "hub")
 P_TUNING_ENCODERS = ("MLP", "LSTM")
 
 
@@ -61,8 +63,16 @@ class TaskConfig:
     # a generator shipped with the package (the embedded default task)
     builtin: Optional[str] = None
     builtin_size: dict[str, int] = field(default_factory=dict)
+    # where rows come from: files (task.data_dir / data_files, or task.builtin) | hub (task.hub_dataset, via datasets)
+    source: str = "files"
     # hub dataset: [path] or [path, config name]
     hub_dataset: Optional[list[str]] = None
+    # with task.source=hub: our split name -> the hub's split name (null: task.splits); train and validation on the
+    # hub means no dev split is carved from train
+    hub_splits: Optional[dict[str, str]] = None
+    # with task.source=hub: our field name -> the hub's column, so one template serves both sources; a dotted name
+    # reaches into a nested column (SQuAD's answers.text)
+    hub_columns: dict[str, str] = field(default_factory=dict)
     # folder holding the official files (SuperGLUE *.jsonl, GLUE *.tsv)
     data_dir: Optional[str] = None
     # split name -> file, for the user's own CSV / TSV / JSON lines
@@ -208,8 +218,9 @@ class TrainerConfig:
     # compilation of seconds to minutes per new batch shape class
     compile: bool = False
     log_every: int = 10
-    # null | tensorboard
-    log_with: Optional[str] = None
+    # null, a tracker Accelerate supports (tensorboard, wandb, mlflow, ...) or a list of them; typed Any because
+    # OmegaConf has no union of a string and a list
+    log_with: Any = None
     num_workers: int = 0
     progress_bar: bool = True
     # write run_dir/checkpoint/ every this many optimiser steps; null: every eval_every steps
@@ -236,8 +247,10 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    """Make the schemas known to Hydra, so YAML files are typed and checked against them."""
+    """Make the schemas known to Hydra, so YAML files are typed and checked against them; and softprompt's
+    defaults for the Optuna sweeper (softprompt.search)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    register_sweeper()
 
 
 def _one_of(key: str, value, allowed) -> None:
@@ -414,7 +427,10 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     _one_of("trainer.mixed_precision", trainer.mixed_precision, PRECISIONS)
     _at_least("trainer.log_every", trainer.log_every, 1)
     if trainer.log_with is not None:
-        _one_of("trainer.log_with", trainer.log_with, ("tensorboard",))
+        # Accelerate (and torch) load only for a config that logs to trackers
+        from softprompt.trackers import tracker_names
+
+        tracker_names(trainer.log_with)
     _at_least("trainer.num_workers", trainer.num_workers, 0)
     if trainer.checkpoint_every is not None:
         _at_least("trainer.checkpoint_every", trainer.checkpoint_every, 1)
@@ -448,6 +464,13 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
         raise ConfigError("task.verbalizer", list(task.verbalizer), f"one word per label ({len(task.labels)} labels)")
     if task.dev_from_train is not None and not 0 < task.dev_from_train < 1:
         raise ConfigError("task.dev_from_train", task.dev_from_train, "a fraction between 0 and 1")
+    _one_of("task.source", task.source, SOURCES)
+    if task.source == "hub" and not task.hub_dataset:
+        raise ConfigError(
+            "task.hub_dataset",
+            task.hub_dataset,
+            f"[path] or [path, config name] of a hub dataset for task.source=hub (task {task.name} has none)",
+        )
     return cfg
 
 

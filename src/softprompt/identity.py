@@ -33,6 +33,9 @@ KEY_LENGTH = 10
 # keys added after runs existed, left out while they hold the value every earlier run had, so the
 # config keys of earlier sweeps and the checkpoints of earlier runs stay valid
 LATER_KEYS = {"task.encoding": "utf-8", "task.target_field": None, "task.eval_rows": None, "task.carve_by": None}
+# a task's hub source, which cannot change a run that reads the task's files (task.hub_dataset, older, is then
+# null as it was in every such run)
+HUB_KEYS = ("task.source", "task.hub_splits", "task.hub_columns")
 
 
 def result_config(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
@@ -53,6 +56,11 @@ def result_config(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
         _drop(tree, dotted)
     for dotted, earlier in LATER_KEYS.items():
         _drop(tree, dotted, only=earlier)
+    task = tree.get("task", {})
+    if task.get("source") == "files":
+        for dotted in HUB_KEYS:
+            _drop(tree, dotted)
+        task["hub_dataset"] = None
     return tree
 
 

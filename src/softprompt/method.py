@@ -35,7 +35,7 @@ from softprompt.backbone import Backbone, _is_head, model_class
 from softprompt.config import TrainConfig
 from softprompt.errors import ConfigError, UserError
 from softprompt.registry import method_spec
-from softprompt.soft_prompt import attach_prompt, task_type, train_in_fp32
+from softprompt.soft_prompt import attach_prompt, peft_quietly, task_type, train_in_fp32
 from softprompt.task import Task
 
 RENDERED_PROMPTS = "rendered_prompts.txt"
@@ -156,7 +156,8 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            model = get_peft_model(backbone.model, peft_config)
+            with peft_quietly():
+                model = get_peft_model(backbone.model, peft_config)
         except ValueError as error:
             if spec.adapter_key is not None:
                 raise ConfigError(

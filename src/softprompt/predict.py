@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -86,11 +85,11 @@ def write_rows(
     return answers
 
 
-def write_file(
-    bank: PromptBank, output_path: Path, rows: list[dict], indices: list[int], examples: list[Example], batch_size: int
-) -> dict[str, tuple[str, float]]:
+def written_records(
+    bank: PromptBank, rows: list[dict], indices: list[int], examples: list[Example], batch_size: int, progress: bool
+) -> tuple[list[dict], dict[str, tuple[str, float]]]:
     """Generation prompts: each row with its answer, and with its scores where the row holds references."""
-    answers = write_rows(bank, examples, indices, batch_size)
+    answers = write_rows(bank, examples, indices, batch_size, progress)
     records_out, by_prompt = [], {}
     for row, index, example, answer in zip(rows, indices, examples, answers):
         record = {**row, "prediction": answer}
@@ -105,8 +104,41 @@ def write_file(
             records_out[position]["scores"] = row_score
         main = bank.entries[index].cfg.task.main_metric
         scores[bank.names[index]] = (main, compute_metrics(metrics, list(texts), list(references))[main])
-    records.write_jsonl(output_path, records_out)
-    return scores
+    return records_out, scores
+
+
+def scored_records(
+    bank: PromptBank, rows: list[dict], indices: list[int], examples: list[Example], batch_size: int, progress: bool
+) -> tuple[list[dict], dict[str, tuple[str, float]]]:
+    """Classification prompts: each row with its predicted label (a choice's index for choice tasks) and every
+    class's log-probability; per prompt, the accuracy on the rows that hold a label."""
+    scores = score_rows(bank, examples, indices, batch_size, progress)
+    predictions = scores.argmax(-1).tolist()
+    records_out = []
+    correct: Counter = Counter()
+    counted: Counter = Counter()
+    for row, index, example, prediction, scored in zip(rows, indices, examples, predictions, scores.tolist()):
+        task = bank.entries[index].task
+        names = example.candidates if task.cfg.choices_fields else [str(label) for label in task.labels]
+        records_out.append(
+            {
+                **row,
+                "prediction": names[prediction] if not task.cfg.choices_fields else prediction,
+                "scores": {name: scored[i] for i, name in enumerate(names)},
+            }
+        )
+        if example.label >= 0:
+            counted[bank.names[index]] += 1
+            correct[bank.names[index]] += int(prediction == example.label)
+    return records_out, {name: ("accuracy", correct[name] / counted[name]) for name in counted}
+
+
+def predict_rows(
+    bank: PromptBank, rows: list[dict], indices: list[int], examples: list[Example], batch_size: int, progress: bool
+) -> tuple[list[dict], dict[str, tuple[str, float]]]:
+    """Every row with its prediction under its own prompt; per prompt, the metric reported for its rows and its value
+    (rows that hold an answer only)."""
+    return (written_records if bank.generation else scored_records)(bank, rows, indices, examples, batch_size, progress)
 
 
 def predict_file(
@@ -127,30 +159,9 @@ def predict_file(
             )
         indices.append(index)
         examples.append(example_for(bank, index, row, where))
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    if bank.generation:
-        return write_file(bank, output_path, rows, indices, examples, batch_size)
-    scores = score_rows(bank, examples, indices, batch_size)
-    predictions = scores.argmax(-1).tolist()
-    build = output_path.with_name(f".{output_path.name}.build")
-    correct: Counter = Counter()
-    counted: Counter = Counter()
-    with open(build, "w", encoding="utf-8") as handle:
-        for row, index, example, prediction, row_scores in zip(rows, indices, examples, predictions, scores.tolist()):
-            task = bank.entries[index].task
-            names = example.candidates if task.cfg.choices_fields else [str(label) for label in task.labels]
-            record = {
-                **row,
-                "prediction": names[prediction] if not task.cfg.choices_fields else prediction,
-                "scores": {name: row_scores[i] for i, name in enumerate(names)},
-            }
-            handle.write(json.dumps(record) + "\n")
-            if example.label >= 0:
-                counted[bank.names[index]] += 1
-                correct[bank.names[index]] += int(prediction == example.label)
-    build.replace(output_path)
-    # per prompt, the metric reported for its rows and its value
-    return {name: ("accuracy", correct[name] / counted[name]) for name in counted}
+    predicted, scores = predict_rows(bank, rows, indices, examples, batch_size, progress=True)
+    records.write_jsonl(output_path, predicted)
+    return scores
 
 
 def evaluate_ensemble(bank: PromptBank, batch_size: int) -> dict:

@@ -30,7 +30,7 @@ from softprompt.errors import UserError
 from softprompt.pipeline import cut_at_stop, longest_target, stop_strings
 from softprompt.registry import METHODS, method_spec
 from softprompt.scorer import PromptedModel, resolve_scorer
-from softprompt.soft_prompt import PROMPT_KEY, load_prompt_file
+from softprompt.soft_prompt import PROMPT_KEY, load_prompt_file, peft_quietly
 from softprompt.task import Example, Task, load_task
 
 HEAD_PREFIX = "base_model."
@@ -159,7 +159,8 @@ class PromptBank:
                 raise UserError(
                     f"prompt {entry.name!r} has width {entry.prompt.shape[1]}; the backbone {self.backbone.name!r} has width {self.backbone.width}"
                 )
-        peft_model = PeftModel.from_pretrained(self.backbone.model, first.run_dir / "prompt")
+        with peft_quietly():
+            peft_model = PeftModel.from_pretrained(self.backbone.model, first.run_dir / "prompt")
         self.model = PromptedModel(peft_model, self.backbone.kind, self.scorer, self.cfg.scorer.reduction).eval()
         self.prompts = torch.stack([entry.prompt for entry in entries])
         self.heads = (

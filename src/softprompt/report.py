@@ -7,7 +7,8 @@ differ in it are never averaged together. Figures follow Lester et al. (2021) Fi
 metric against model parameters (log x), one line per prompt length and one per initialisation;
 and Fig. 1 when the runs compare methods (model tuning, prompt tuning, prompt design, ...): one
 line per method across model sizes (`by_model_size`), and the metric against the number of
-trainable parameters (`by_trainable_params`).
+trainable parameters (`by_trainable_params`). For an Optuna search (softprompt.search), the metric of
+every trial against each searched value (`trials`), the best trial marked and failed trials shown.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
@@ -30,6 +32,7 @@ from softprompt.config import flatten  # noqa: E402
 from softprompt.errors import UserError, exit_on_user_error, folder_problem, read_record  # noqa: E402
 from softprompt.identity import NON_RESULT_KEYS  # noqa: E402
 from softprompt.registry import DEFAULT_METHOD, METHODS, MethodSpec  # noqa: E402
+from softprompt.search import MULTIRUN, Search, find_search, trial_values  # noqa: E402
 
 RESULTS_CSV = "results.csv"
 SUMMARY_CSV = "summary.csv"
@@ -82,6 +85,9 @@ def _label(method: str) -> str:
 
 # what each figure draws one line per, and its label
 AXES = {"prompt_length": "prompt length", "init": "initialisation"}
+MARKERS = "osD^vPX*"
+# sideways step between lines (a fraction of a category, or of e on a log axis): equal values stay visible
+DODGE = 0.06
 # columns of a user's reference points file (--reference)
 REFERENCE_COLUMNS = ["task", "parameters", "value", "label"]
 
@@ -222,7 +228,7 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
     """Main metric per setting with std-over-seeds error bars, one panel per task; PNG and SVG."""
     data = summary[summary["seeds"] > 0]
     tasks = list(dict.fromkeys(zip(data["task"], data["metric"])))
-    figure, panels = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 4.6), squeeze=False)
+    figure, panels = plt.subplots(1, len(tasks), figsize=(9.6 * len(tasks), 4.6), squeeze=False)
     for panel, (task, metric) in zip(panels[0], tasks):
         rows = data[(data["task"] == task) & (data["metric"] == metric)]
         by_size = rows["parameters"].nunique() > 1
@@ -233,14 +239,16 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
         categorical = x_key == "init"
         positions = {value: index for index, value in enumerate(sorted(rows[x_key].unique(), key=str))}
         annotate = len(rows) <= 16
-        for _, line in rows.groupby(line_keys, sort=True):
+        lines = list(rows.groupby(line_keys, sort=True))
+        for number, (_, line) in enumerate(lines):
             line = line.sort_values(x_key)
             xs = [positions[value] for value in line[x_key]] if categorical else line[x_key].astype(float)
+            xs = _dodged(xs, number, len(lines), log=not categorical)
             panel.errorbar(
                 xs,
                 line["mean"],
                 yerr=line["std"].fillna(0),
-                marker="o",
+                marker=MARKERS[number % len(MARKERS)],
                 capsize=4,
                 label=_line_label(line.iloc[0], line_keys),
             )
@@ -269,8 +277,19 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
             + ("" if by_size else f" ({', '.join(map(str, rows['model'].unique()))})")
         )
         panel.grid(True, which="both", alpha=0.3)
-        panel.legend(fontsize=8)
+        _legend_beside(panel)
     return save_figure(figure, stem)
+
+
+def _dodged(xs, number: int, count: int, log: bool) -> list[float]:
+    """Line `number` of `count` moved a little sideways, so lines with equal values at a point stay visible."""
+    step = (number - (count - 1) / 2) * min(DODGE, 0.3 / max(count, 1))
+    return [x * math.exp(step) if log else x + step for x in map(float, xs)]
+
+
+def _legend_beside(panel: plt.Axes) -> None:
+    """The legend right of the panel, where it cannot cover points or the y-axis."""
+    panel.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def _method_label(row: pd.Series, keys: list[str]) -> str:
@@ -309,21 +328,21 @@ def draw_methods(summary: pd.DataFrame, x_key: str, reference: pd.DataFrame | No
     if x_key == "trainable_params":
         data = data[data["trainable_params"].fillna(0) > 0]
     tasks = list(dict.fromkeys(zip(data["task"], data["metric"])))
-    figure, panels = plt.subplots(1, max(len(tasks), 1), figsize=(7.2 * max(len(tasks), 1), 5.0), squeeze=False)
-    markers = "osD^vPX*"
+    figure, panels = plt.subplots(1, max(len(tasks), 1), figsize=(10.0 * max(len(tasks), 1), 5.0), squeeze=False)
     for panel, (task, metric) in zip(panels[0], tasks):
         rows = data[(data["task"] == task) & (data["metric"] == metric)]
-        for number, (label, line) in enumerate(method_lines(rows, summary)):
+        lines = method_lines(rows, summary)
+        for number, (label, line) in enumerate(lines):
             # a method's points are joined in order of model size, on either axis
             line = line.sort_values(["parameters", x_key])
-            xs = line[x_key].astype(float)
+            xs = _dodged(line[x_key], number, len(lines), log=True)
             # a method that trains nothing is a reference line
             style = {} if _spec(line["method"].iloc[0]).trains else {"linestyle": "--"}
             panel.errorbar(
                 xs,
                 line["mean"],
                 yerr=line["std"].fillna(0),
-                marker=markers[number % len(markers)],
+                marker=MARKERS[number % len(MARKERS)],
                 capsize=4,
                 label=label,
                 **style,
@@ -352,7 +371,7 @@ def draw_methods(summary: pd.DataFrame, x_key: str, reference: pd.DataFrame | No
             )
         panel.set_ylabel(f"{metric} (mean ± std over seeds)")
         panel.grid(True, which="both", alpha=0.3)
-        panel.legend(fontsize=8)
+        _legend_beside(panel)
     return save_figure(figure, stem)
 
 
@@ -369,6 +388,101 @@ def draw_reference(panel: plt.Axes, reference: pd.DataFrame, task: str, linestyl
             color="grey",
             label=label,
         )
+
+
+def trial_table(folder: Path, search: Search) -> pd.DataFrame:
+    """One row per trial of the search in `folder`: its searched values, then its task, metric, value and status."""
+    keys = list(search.keys)
+    rows = []
+    for run in find_runs([folder]):
+        values = trial_values(run, keys)
+        if values is not None:
+            row, _ = load_run(run)
+            rows.append(
+                {**values, **{column: row[column] for column in ("task", "model", "metric", "value", "status")}}
+            )
+    return pd.DataFrame(rows, columns=[*keys, "task", "model", "metric", "value", "status"])
+
+
+def find_searches(paths: list[Path]) -> dict[Path, tuple[Search, pd.DataFrame]]:
+    """Every Optuna search at or under the given paths (a sweep directory with the sweeper's multirun.yaml), with
+    its trials."""
+    folders = sorted({found.parent for path in paths for found in path.glob(f"**/{MULTIRUN}")})
+    searches = {folder: find_search(folder) for folder in folders}
+    return {folder: (search, trial_table(folder, search)) for folder, search in searches.items() if search is not None}
+
+
+def describe_search(folder: Path, search: Search, trials: pd.DataFrame) -> str:
+    """One line for the report: the search's trials and Optuna's best."""
+    counts = trials["status"].value_counts()
+    found = f"`{folder}`: {len(trials)} trials (" + ", ".join(f"{n} {status}" for status, n in counts.items()) + ")"
+    if search.best_value is None:
+        return found + "; no trial completed."
+    best = ", ".join(f"{key}={value}" for key, value in search.best_params.items())
+    metric = ", ".join(map(str, trials["metric"].dropna().unique()))
+    return found + f"; Optuna's best: {best} ({metric} {search.best_value:.4f})."
+
+
+def draw_trials(trials: pd.DataFrame, search: Search, stem: Path) -> list[Path]:
+    """The main metric of every trial against each searched value, one panel per key (log x where the search drew
+    on a log scale); Optuna's best trial starred, failed trials as crosses along the bottom."""
+    done = trials[trials["status"] == "completed"]
+    matches = [done[key] == value for key, value in search.best_params.items() if key in done]
+    best = done[pd.concat(matches, axis=1).all(axis=1)] if matches else done.iloc[:0]
+    failed = trials[trials["status"] != "completed"]
+    figure, panels = plt.subplots(1, len(search.keys), figsize=(5.2 * len(search.keys), 4.4), squeeze=False)
+    for panel, (key, space) in zip(panels[0], search.keys.items()):
+        numeric = pd.api.types.is_numeric_dtype(trials[key]) and not pd.api.types.is_bool_dtype(trials[key])
+        # values that are not numbers (a group choice: model=choice(...)) are categories, in the search's order
+        categories = [str(value) for value in space.choices or sorted(trials[key].unique(), key=str)]
+        positions = {value: index for index, value in enumerate(dict.fromkeys(categories))}
+        xs = trials[key].astype(float) if numeric else trials[key].astype(str).map(positions)
+        if len(done):
+            panel.plot(xs[done.index], done["value"], "o", alpha=0.8, label=f"completed ({len(done)})")
+        if len(best):
+            panel.plot(xs[best.index], best["value"], "*", markersize=16, color="C3", label="best (Optuna)")
+            for x_best, y_best in zip(xs[best.index], best["value"]):
+                panel.annotate(f"{y_best:.3f}", (x_best, y_best), textcoords="offset points", xytext=(8, 4), fontsize=8)
+        if len(failed):
+            # a failed trial has no metric: a cross at the bottom of the panel, where its value was drawn
+            panel.plot(
+                xs[failed.index],
+                [0.02] * len(failed),
+                "x",
+                color="grey",
+                transform=panel.get_xaxis_transform(),
+                label=f"failed ({len(failed)})",
+            )
+        if not numeric:
+            panel.set_xticks(list(positions.values()), list(positions))
+        elif space.log:
+            # ticks at 1, 2 and 5 of each decade, written as numbers: a search of a narrow range still has some
+            panel.set_xscale("log")
+            panel.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            panel.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            panel.xaxis.set_minor_formatter(ticker.NullFormatter())
+        elif space.choices:
+            panel.set_xticks([float(value) for value in space.choices])
+        if numeric and space.bounds:
+            # the whole searched range, so where the trials landed in it shows
+            low, high = space.bounds
+            if space.log:
+                pad = (high / low) ** 0.03
+                panel.set_xlim(low / pad, high * pad)
+            else:
+                pad = 0.03 * (high - low)
+                panel.set_xlim(low - pad, high + pad)
+        panel.set_xlabel(key + (" (log scale)" if numeric and space.log else ""))
+        panel.set_ylabel(", ".join(map(str, trials["metric"].dropna().unique())))
+        # room below the trials for the failed ones' crosses, and above for the best one's value
+        panel.margins(y=0.15)
+        panel.grid(True, alpha=0.3)
+        panel.legend(fontsize=8)
+    figure.suptitle(
+        f"{', '.join(map(str, trials['task'].dropna().unique()))}: {len(trials)} trials of an Optuna search "
+        f"({', '.join(map(str, trials['model'].dropna().unique()))})"
+    )
+    return save_figure(figure, stem)
 
 
 def save_figure(figure: plt.Figure, stem: Path) -> list[Path]:
@@ -475,6 +589,13 @@ def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = 
             figures += draw_methods(summary, "parameters", reference, out / "by_model_size")
             if (done["trainable_params"].fillna(0) > 0).any():
                 figures += draw_methods(summary, "trainable_params", None, out / "by_trainable_params")
+    searches = find_searches(paths)
+    search_lines = ["## Optuna search", ""] if searches else []
+    for folder, (search, trials) in searches.items():
+        if len(trials):
+            stem = "trials" if len(searches) == 1 else f"trials_{folder.name}"
+            figures += draw_trials(trials, search, out / stem)
+        search_lines += [describe_search(folder, search, trials), ""]
 
     counts = table["status"].value_counts()
     spread = [
@@ -500,6 +621,7 @@ def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = 
         lines += (
             ["## Figures", ""] + [f"![{path.stem}]({path.name})" for path in figures if path.suffix == ".png"] + [""]
         )
+    lines += search_lines
     failed = table[table["status"] != "completed"]
     if len(failed):
         lines += ["## Runs that did not complete", ""]

@@ -16,8 +16,11 @@ excluded before taking the top k.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,6 +35,15 @@ from softprompt.errors import ConfigError, UserError
 ADAPTER = "default"
 PROMPT_KEY = "prompt_embeddings"
 _PLACEHOLDER = re.compile(r"^(\[unused\d+\]|<unused\d+>|<0x[0-9A-Fa-f]{2}>|<extra_id_\d+>)$")
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """PEFT reads the backbone's `is_gradient_checkpointing`, which transformers 5 answers with a FutureWarning on
+    every wrap: a note to PEFT's authors, not to our users, so it is silenced around PEFT's calls and nowhere else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def task_type(kind: str, head: bool) -> TaskType:
@@ -139,7 +151,8 @@ def attach_prompt(
         token_dim=backbone.width,
         prompt_tuning_init=PromptTuningInit.RANDOM,
     )
-    model = get_peft_model(backbone.model, peft_config)
+    with peft_quietly():
+        model = get_peft_model(backbone.model, peft_config)
     weight = prompt_parameter(model)
     with torch.no_grad():
         weight.copy_(start.to(weight.dtype))

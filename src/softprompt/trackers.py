@@ -9,6 +9,7 @@ what to install, raised before the run directory is taken on.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -62,10 +63,12 @@ def start(accelerator: Accelerator, log_with: Any, run_path: Path, config: dict[
     if "tensorboard" in names:
         init_kwargs["tensorboard"] = {"purge_step": first_step}
     if "mlflow" in names:
-        init_kwargs["mlflow"] = {"run_name": run_path.name}
-        if "MLFLOW_TRACKING_URI" not in os.environ:
-            import mlflow
+        import mlflow
 
+        init_kwargs["mlflow"] = {"run_name": run_path.name}
+        # MLflow announces at INFO each table it creates in a new sqlite store: a normal run prints no library notes
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+        if "MLFLOW_TRACKING_URI" not in os.environ:
             # MLflow's own default store (sqlite, mlflow.db in the working directory), in the run directory
             mlflow.set_tracking_uri(_local_store(run_path))
             init_kwargs["mlflow"]["logging_dir"] = str(run_path / "mlartifacts")

@@ -4,6 +4,7 @@ console script, quick overrides, PEFT's own scores as a reference, hand-made run
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -67,6 +68,49 @@ def quick_overrides(model: str = "tiny-bert", steps: int = 4, **extra: str) -> l
     }
     overrides.update(extra)
     return [f"{key}={value}" for key, value in overrides.items()]
+
+
+# odd: the last evaluation batch is padded on one rank, and must count once
+EQUIVALENCE_VALIDATION_ROWS = 23
+
+
+def equivalence_overrides(batch_size: int, model: str = "tiny-bert", *extra: str) -> list[str]:
+    """A run two processes of batch b must reproduce with one process of batch 2b: fp32, no backbone dropout (its
+    random masks could not match across process counts), logged every step."""
+    overrides = {
+        "trainer.batch_size": str(batch_size),
+        "trainer.log_every": "1",
+        "task.builtin_size.validation": str(EQUIVALENCE_VALIDATION_ROWS),
+    }
+    return [*quick_overrides(model, steps=4, **overrides), *extra]
+
+
+def read_train_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / records.TRAIN_LOG).read_text().splitlines()]
+
+
+def assert_same_training(several: Path, single: Path, tolerance: float = 1e-5) -> None:
+    """A multi-process run and a one-process run of the same rows trained alike: the same logged losses and
+    learning rates, the same evaluations, every validation row counted once."""
+    two, one = read_train_log(several), read_train_log(single)
+    assert [entry["step"] for entry in two] == [entry["step"] for entry in one]
+    for a, b in zip(two, one):
+        # the logged loss is the mean over both ranks' rows, the same rows one process sees
+        assert a["loss"] == pytest.approx(b["loss"], abs=tolerance)
+        assert a["lr"] == b["lr"]
+    assert two[0]["loss"] != two[-1]["loss"]
+    m2, m1 = records.read_json(several / records.METRICS), records.read_json(single / records.METRICS)
+    assert m2["best_step"] == m1["best_step"]
+    for key in ("eval", "initial_eval"):
+        assert m2[key].keys() == m1[key].keys()
+        for metric, value in m1[key].items():
+            assert m2[key][metric] == pytest.approx(value, abs=tolerance)
+    rows = EQUIVALENCE_VALIDATION_ROWS
+    assert m2["eval_examples"] == rows
+    # a whole number of rows out of 23
+    for accuracy in (m2["eval"]["accuracy"], m2["initial_eval"]["accuracy"]):
+        assert 0 < accuracy < 1
+        assert accuracy * rows == pytest.approx(round(accuracy * rows), abs=1e-4)
 
 
 def peft_scores(peft_model, pipeline) -> list[list[float]]:

@@ -7,35 +7,16 @@ Every multi-process start costs ~10 s of imports on 2 cores, so each test starts
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from helpers import quick_overrides, run_cli
+from helpers import assert_same_training, equivalence_overrides, quick_overrides, read_train_log, run_cli
 from softprompt.cli import compose_config
 from softprompt.distributed import check_launch
 from softprompt.errors import UserError
 
-VALIDATION_ROWS = 23  # odd: the last evaluation batch is padded on one rank, and must count once
 PER_DEVICE_BATCH = 8
 SUMMARY = "trainable parameters:"
-
-
-def equivalence_overrides(batch_size: int) -> list[str]:
-    """fp32, no backbone dropout (the default: its random masks could not match across process counts), logged every step."""
-    return quick_overrides(
-        "tiny-bert",
-        steps=4,
-        **{
-            "trainer.batch_size": str(batch_size),
-            "trainer.log_every": "1",
-            "task.builtin_size.validation": str(VALIDATION_ROWS),
-        },
-    )
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +56,14 @@ def test_two_processes_write_one_complete_run_directory_and_speak_once(two_proce
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
     env = json.loads((run_dir / "env.json").read_text())
     assert env["num_processes"] == 2 and env["per_device_batch_size"] == PER_DEVICE_BATCH
+    assert env["sharding"] == "none"
     assert env["effective_batch_size"] == 2 * PER_DEVICE_BATCH
     output = result.stdout + result.stderr
     assert output.count(SUMMARY) == 1, output[-3000:]
     assert output.count("step 0: accuracy=") == 1
     log_lines = (run_dir / "train.log").read_text().splitlines()
     assert sum("step 0:" in line for line in log_lines) == 1
-    assert [entry["step"] for entry in read_log(run_dir)] == [1, 2, 3, 4]
+    assert [entry["step"] for entry in read_train_log(run_dir)] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow
@@ -90,26 +72,7 @@ def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(two_processes, t
     distributed = next((root / "runs").iterdir())
     single, _ = train_run(equivalence_overrides(2 * PER_DEVICE_BATCH))
 
-    two, one = read_log(distributed), read_log(single)
-    assert [entry["step"] for entry in two] == [entry["step"] for entry in one]
-    for a, b in zip(two, one):
-        # the logged loss is the mean over both ranks' rows, the same rows one process sees
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        assert a["lr"] == b["lr"]
-    assert two[0]["loss"] != two[-1]["loss"]
-
-    m2 = json.loads((distributed / "metrics.json").read_text())
-    m1 = json.loads((single / "metrics.json").read_text())
-    assert m2["best_step"] == m1["best_step"]
-    for key in ("eval", "initial_eval"):
-        assert m2[key].keys() == m1[key].keys()
-        for metric, value in m1[key].items():
-            assert m2[key][metric] == pytest.approx(value, abs=1e-5)
-    # every validation row counted exactly once: accuracy is a whole number of rows out of 23
-    assert m2["eval_examples"] == VALIDATION_ROWS
-    for accuracy in (m2["eval"]["accuracy"], m2["initial_eval"]["accuracy"]):
-        assert 0 < accuracy < 1
-        assert accuracy * VALIDATION_ROWS == pytest.approx(round(accuracy * VALIDATION_ROWS), abs=1e-4)
+    assert_same_training(distributed, single)
 
 
 @pytest.mark.slow
@@ -205,7 +168,6 @@ def test_zero3_is_refused_in_one_line_before_anything_loads():
 @pytest.mark.parametrize(
     "env, argv, message",
     [
-        ({"ACCELERATE_USE_FSDP": "true"}, [], "FSDP is not supported yet"),
         ({"WORLD_SIZE": "2", "RANK": "0"}, ["-m", "prompt.length=1,5"], "-m/--multirun inside a multi-process launch"),
         (
             {"WORLD_SIZE": "2", "RANK": "0"},

@@ -216,6 +216,25 @@ def test_memory_estimate_by_precision_and_optimiser():
     check_memory(cfg, model_config, "decoder", "rank", available=(needed, "free in this test"))
 
 
+def test_the_memory_check_counts_each_process_share_when_sharded(monkeypatch):
+    overrides = quick_overrides("tiny-gpt2", method="model_tuning")
+    cfg = validate(compose_config(overrides))
+    sharded = validate(compose_config([*overrides, "trainer.sharding=fsdp"]))
+    pipeline = build_pipeline(cfg)
+    model_config = pipeline.backbone.model.config
+    needed, _, _ = memory_estimate(cfg, model_config, "decoder", "rank")
+    room = (needed * 3 // 4, "free in this test")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    # a quarter of the weights, gradients and moments on each of 4 processes fits where the whole does not
+    with pytest.raises(
+        UserError, match=r"adamw states 8 bytes each\), not counting.*trainer.sharding=fsdp across several processes"
+    ):
+        check_memory(cfg, model_config, "decoder", "rank", available=room)
+    check_memory(sharded, model_config, "decoder", "rank", available=room)
+    with pytest.raises(UserError, match=r"1/4 of it per process, sharded"):
+        check_memory(sharded, model_config, "decoder", "rank", available=(needed // 8, "free in this test"))
+
+
 @pytest.mark.parametrize("method", ["p_tuning", "prefix_tuning", "lora"])
 def test_methods_with_a_head_train_in_fp32_under_a_bf16_backbone(method):
     """Adapter and head learn in fp32 on a bf16 encoder; the head takes the bf16 features (a dtype clash before)."""

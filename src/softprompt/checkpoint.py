@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from softprompt import run_dir as records
+from softprompt import sharding
 from softprompt.config import TrainConfig
 from softprompt.errors import UserError
 from softprompt.identity import comparable_config
@@ -194,20 +195,24 @@ def save(
     scheduler: Any,
     epoch_data_state: torch.Tensor,
     best_state: dict[str, torch.Tensor] | None = None,
+    write: bool = True,
 ) -> None:
-    """Write a complete checkpoint beside the old one, then swap it in (call on the main process only).
+    """Write a complete checkpoint beside the old one, then swap it in. Called on every process: a sharded
+    (FSDP) tensor is gathered whole, so the file is an unsharded run's; only the process with `write` writes.
     `best_state`: the best step's trainable parameters, kept when the best prompt is evaluated again at the end."""
+    tensors = {f"model.{name}": p for name, p in model.named_parameters() if p.requires_grad}
+    tensors.update({f"best.{name}": value for name, value in (best_state or {}).items()})
+    optimizer_tensors, optimizer_plain = _optimizer_parts(optimizer.state_dict())
+    tensors.update(optimizer_tensors)
+    tensors = {key: sharding.full(value.detach()).cpu().contiguous().clone() for key, value in tensors.items()}
+    if not write:
+        return
 
     def fill(build: Path) -> None:
         build.mkdir()
-        tensors = {f"model.{name}": p for name, p in model.named_parameters() if p.requires_grad}
-        tensors.update({f"best.{name}": value for name, value in (best_state or {}).items()})
-        optimizer_tensors, optimizer_plain = _optimizer_parts(optimizer.state_dict())
         rng_tensors, rng_plain = _random_states()
-        tensors.update(optimizer_tensors, **rng_tensors, **{"data.generator": epoch_data_state})
-        save_file(
-            {key: value.detach().cpu().contiguous().clone() for key, value in tensors.items()}, str(build / TENSORS)
-        )
+        tensors.update(rng_tensors, **{"data.generator": epoch_data_state})
+        save_file(tensors, str(build / TENSORS))
         best_prompt = run_path / records.PROMPT_DIR
         if best_prompt.is_dir():
             shutil.copytree(best_prompt, build / BEST_PROMPT)
@@ -244,13 +249,28 @@ def restore(
         )
     with torch.no_grad():
         for name, parameter in parameters.items():
-            parameter.copy_(saved[name])
-    optimizer.load_state_dict(_optimizer_state(tensors, snapshot.state["optimizer"]))
+            parameter.copy_(sharding.like(parameter, saved[name]))
+    optimizer.load_state_dict(_laid_out(_optimizer_state(tensors, snapshot.state["optimizer"]), optimizer))
     scheduler.load_state_dict(snapshot.state["scheduler"])
     data_generator.set_state(tensors["data.generator"])
     _set_random_states(tensors, snapshot.state["random"])
-    best = {key.removeprefix("best."): value for key, value in tensors.items() if key.startswith("best.")}
+    best = {
+        name: sharding.like(parameters[name], tensors[f"best.{name}"])
+        for name in parameters
+        if f"best.{name}" in tensors
+    }
     return best or None
+
+
+def _laid_out(state_dict: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A saved optimiser state with each per-parameter tensor laid out as its parameter is (sharded under FSDP)."""
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    for index, values in state_dict["state"].items():
+        parameter = parameters[int(index)]
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.shape == parameter.shape:
+                values[name] = sharding.like(parameter, value)
+    return state_dict
 
 
 def restore_files(snapshot: Snapshot, run_path: Path) -> None:

@@ -31,6 +31,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 REDUCTIONS = ("sum", "mean")
 RESUME_MODES = ("auto", "never", "must")
+SHARDINGS = ("none", "fsdp")
 SOURCES = ("files", "hub")
 P_TUNING_ENCODERS = ("MLP", "LSTM")
 
@@ -228,6 +229,11 @@ class TrainerConfig:
     # starting an existing run directory: auto resumes from its checkpoint if any, never starts over,
     # must fails when there is no checkpoint
     resume: str = "auto"
+    # none: every process holds the whole backbone (data parallel) | fsdp: each transformer layer and the rest of
+    # the model sharded across the launch's processes (FSDP2); the same results either way
+    sharding: str = "none"
+    # fsdp: free each layer's gathered weights after its forward (gathered again for backward): least memory
+    reshard_after_forward: bool = True
 
 
 @dataclass
@@ -435,6 +441,19 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if trainer.checkpoint_every is not None:
         _at_least("trainer.checkpoint_every", trainer.checkpoint_every, 1)
     _one_of("trainer.resume", trainer.resume, RESUME_MODES)
+    _one_of("trainer.sharding", trainer.sharding, SHARDINGS)
+    if trainer.sharding == "fsdp" and trainer.mixed_precision == "fp16":
+        raise ConfigError(
+            "trainer.mixed_precision",
+            "fp16",
+            "no or bf16 with trainer.sharding=fsdp (fp16's loss scaling is not sharded)",
+        )
+    if trainer.sharding == "fsdp" and trainer.optimizer == "adafactor" and method_spec(method.name).trains_backbone:
+        raise ConfigError(
+            "trainer.optimizer",
+            "adafactor",
+            f"adamw for method={method.name} with trainer.sharding=fsdp (Adafactor's factored moments do not take sharded weights)",
+        )
     if trainer.gradient_checkpointing and method_spec(method.name).no_gradient_checkpointing:
         raise ConfigError("trainer.gradient_checkpointing", True, method_spec(method.name).no_gradient_checkpointing)
 

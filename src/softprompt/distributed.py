@@ -32,13 +32,8 @@ from softprompt.errors import UserError
 ZERO3_REFUSAL = (
     "DeepSpeed ZeRO-3 is not supported: it partitions every parameter, and prompt tuning reads the "
     "prompt and the word embeddings outside their modules' forward (peft #206, #1633), so the prompt "
-    "would be empty; use data parallelism (accelerate launch --multi_gpu) with a bf16 backbone"
-)
-
-FSDP_REFUSAL = (
-    "FSDP is not supported yet: softprompt saves the prompt from the main process alone, and FSDP "
-    "shards it across processes; use data parallelism (accelerate launch --multi_gpu) with a backbone "
-    "that fits one GPU in bf16 (model.dtype=bfloat16)"
+    "would be empty; shard the backbone with FSDP instead: trainer.sharding=fsdp under torchrun, or "
+    "accelerate launch --config_file conf/accelerate/fsdp.yaml"
 )
 
 
@@ -106,8 +101,6 @@ def check_launch(argv: list[str]) -> None:
         )
     if deepspeed_zero_stage() == 3:
         raise UserError(ZERO3_REFUSAL)
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise UserError(FSDP_REFUSAL)
 
 
 class ProcessCallback(Callback):

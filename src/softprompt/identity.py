@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from softprompt.config import GenerationConfig, MethodConfig, TrainConfig, flatten
 
-# keys that only say where outputs go, how progress is shown, how often a run checkpoints or whether
-# activations are recomputed: they never change a result
+# keys that only say where outputs go, how progress is shown, how often a run checkpoints, whether
+# activations are recomputed or how the backbone is laid out across processes: they never change a result
 NON_RESULT_KEYS = (
     "output_root",
     "trainer.progress_bar",
@@ -28,6 +28,8 @@ NON_RESULT_KEYS = (
     "trainer.resume",
     "trainer.gradient_checkpointing",
     "trainer.compile",
+    "trainer.sharding",
+    "trainer.reshard_after_forward",
 )
 KEY_LENGTH = 10
 # keys added after runs existed, left out while they hold the value every earlier run had, so the

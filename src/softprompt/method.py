@@ -31,8 +31,10 @@ from peft import get_peft_model
 from torch import nn
 from transformers import AutoModel, PretrainedConfig
 
+from softprompt import sharding
 from softprompt.backbone import Backbone, _is_head, model_class
 from softprompt.config import TrainConfig
+from softprompt.distributed import world_size
 from softprompt.errors import ConfigError, UserError
 from softprompt.registry import method_spec
 from softprompt.soft_prompt import attach_prompt, peft_quietly, task_type, train_in_fp32
@@ -133,11 +135,16 @@ def check_memory(
     cfg: TrainConfig, model_config: PretrainedConfig, kind: str, scorer: str, available: tuple[int, str] | None = None
 ) -> None:
     needed, _, how = memory_estimate(cfg, model_config, kind, scorer)
+    shards = world_size() if sharding.mode(cfg.trainer) == sharding.FSDP else 1
+    if shards > 1:
+        # sharded, each process holds its 1/N of the weights, gradients and optimiser state
+        needed, how = needed // shards, f"{how}; 1/{shards} of it per process, sharded"
     free, where = available or available_memory()
     if needed > free:
         raise UserError(
             f"method={cfg.method.name} of {cfg.model.name} needs about {needed / GIB:,.1f} GiB ({how}), not counting activations, "
-            f"but {free / GIB:,.1f} GiB is {where}: use a smaller model, model.dtype=bfloat16 or trainer.optimizer=adafactor, "
+            f"but {free / GIB:,.1f} GiB is {where}: use a smaller model, model.dtype=bfloat16, trainer.optimizer=adafactor, "
+            "trainer.sharding=fsdp across several processes, "
             "or set method.ignore_memory_check=true to try anyway"
         )
 

@@ -129,7 +129,9 @@ def _version(name: str) -> str | None:
         return None
 
 
-def environment(num_processes: int, device: str, per_device_batch: int, grad_accum: int, seed: int) -> dict:
+def environment(
+    num_processes: int, device: str, per_device_batch: int, grad_accum: int, seed: int, sharding: str
+) -> dict:
     """What it takes to reproduce a run: library versions, hardware, and the batch actually seen per step."""
     return {
         "versions": {name: _version(name) for name in LIBRARIES},
@@ -138,6 +140,8 @@ def environment(num_processes: int, device: str, per_device_batch: int, grad_acc
         "device": device,
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
         "num_processes": num_processes,
+        # none: each process held the whole backbone; fsdp: its layers sharded across the processes
+        "sharding": sharding,
         "per_device_batch_size": per_device_batch,
         "grad_accum": grad_accum,
         "effective_batch_size": per_device_batch * num_processes * grad_accum,

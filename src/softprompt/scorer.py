@@ -83,6 +83,8 @@ class PromptedModel(nn.Module):
         self.checkpointed_layers: list[nn.Module] = []
         # set by each forward; recomputation in backward must run the attention kernel its forward ran
         self.math_attention = False
+        # sharded across processes (softprompt.sharding): every process decodes until all rows are done
+        self.synced_gpus = False
         if gradient_checkpointing:
             options = {"use_reentrant": False}
             if not compile_backbone:  # compiled, the recomputation is part of the traced backward graph
@@ -314,6 +316,7 @@ class PromptedModel(nn.Module):
             num_beams=num_beams,
             use_cache=use_cache or bool(self.prefix_length),
             pad_token_id=self.backbone.generation_config.pad_token_id or 0,
+            synced_gpus=self.synced_gpus,
             **options,
         )
         # decoders return only the new tokens; encoder-decoders start with the decoder start token

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -27,12 +28,13 @@ from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
-from softprompt import checkpoint, model_card, sweep, trackers
+from softprompt import checkpoint, model_card, sharding, sweep, trackers
 from softprompt import run_dir as records
 from softprompt.cli import CONF_DIR, precheck, without_hydra
 from softprompt.config import TrainConfig, TrainerConfig, flatten, register_configs, validate
@@ -86,7 +88,10 @@ def save_prompt(run: Run) -> None:
     """What was trained, swapped in atomically (readers never see half a prompt): the adapter in PEFT's
     own format, naming a backbone any machine can load, or for model tuning the whole model in transformers'
     (safetensors); with its model card, the metrics so far."""
-    if run.record.main:
+    # sharded, the trained parameters are gathered whole on every process and the main one writes them
+    with sharding.gathered(run.model) if run.sharded else nullcontext():
+        if not run.record.main:
+            return
         peft_model = run.accelerator.unwrap_model(run.model).peft_model
         record = {**_record(run), "status": "running"}
         if run.subset is not None:
@@ -198,6 +203,10 @@ class Run:
     eval_loader: DataLoader
     identity: dict
     counts: dict
+    # trainer.sharding=fsdp across several processes: the model is FSDP2-sharded, not wrapped for data parallelism
+    sharded: bool = False
+    # ... and these trained parameters stay whole on every process, their gradients averaged by softprompt.sharding
+    replicated: list[torch.nn.Parameter] = field(default_factory=list)
     # task.eval_rows: the evaluation during training reads those rows (eval_loader), the best prompt then the whole split
     full_loader: DataLoader | None = None
     subset: list[int] | None = None
@@ -273,6 +282,10 @@ def setup(cfg: TrainConfig, record: records.RunRecord) -> Run:
     training = trains(cfg)
     if training:
         trackers.check_installed(cfg.trainer.log_with)
+    # one process has nothing to shard across
+    sharded = sharding.mode(cfg.trainer) == sharding.FSDP and PartialState().num_processes > 1
+    if sharded:
+        sharding.hand_over_from_accelerate()
     accelerator = Accelerator(
         mixed_precision=cfg.trainer.mixed_precision,
         gradient_accumulation_steps=cfg.trainer.grad_accum if training else 1,
@@ -293,6 +306,10 @@ def setup(cfg: TrainConfig, record: records.RunRecord) -> Run:
         cfg.trainer.gradient_checkpointing,
         cfg.trainer.compile,
     )
+    if sharded:
+        # an adapter stays whole on every process; model tuning's weights are sharded with the rest
+        trained = [p for p in model.parameters() if p.requires_grad]
+        model = sharding.shard(model, cfg.trainer, [] if method_spec(cfg.method.name).trains_backbone else trained)
     identity = {
         "method": cfg.method.name,
         "model": backbone.name,
@@ -302,8 +319,8 @@ def setup(cfg: TrainConfig, record: records.RunRecord) -> Run:
     }
     decoding = Decoding.of(pipeline) if pipeline.task.generation else None
     if not training:
-        model, eval_loader = accelerator.prepare(model, make_loader(pipeline, "validation", training=False))
-        return Run(cfg, record, accelerator, pipeline, model, eval_loader, identity, counts, decoding=decoding)
+        model, eval_loader = _prepare(accelerator, sharded, model, make_loader(pipeline, "validation", training=False))
+        return Run(cfg, record, accelerator, pipeline, model, eval_loader, identity, counts, sharded, decoding=decoding)
     train_loader = make_loader(pipeline, "train", training=True, seed=cfg.seed)
     data_order = train_loader.generator
     eval_loader = make_loader(pipeline, "validation", training=False)
@@ -315,15 +332,26 @@ def setup(cfg: TrainConfig, record: records.RunRecord) -> Run:
         full_loader = accelerator.prepare(full_loader)
     optimizer = make_optimizer(cfg.trainer, [p for p in model.parameters() if p.requires_grad])
     scheduler = make_scheduler(cfg.trainer, optimizer)
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler
+    model, optimizer, train_loader, eval_loader, scheduler = _prepare(
+        accelerator, sharded, model, optimizer, train_loader, eval_loader, scheduler
     )
-    run = Run(cfg, record, accelerator, pipeline, model, eval_loader, identity, counts, decoding=decoding)
+    run = Run(cfg, record, accelerator, pipeline, model, eval_loader, identity, counts, sharded, decoding=decoding)
     run.train_loader, run.optimizer, run.scheduler, run.data_order = train_loader, optimizer, scheduler, data_order
     if full_loader is not None:
         run.full_loader, run.subset = full_loader, subset
     run.trainable = [p for p in model.parameters() if p.requires_grad]
+    if sharded:
+        run.replicated = [p for p in run.trainable if not isinstance(p, DTensor)]
     return run
+
+
+def _prepare(accelerator: Accelerator, sharded: bool, model: PromptedModel, *objects: Any) -> tuple:
+    """Accelerate's preparation of the model and what trains it; a sharded model is already laid out (a data-parallel
+    wrapper would replicate it), so Accelerate prepares the rest."""
+    if not sharded:
+        return accelerator.prepare(model, *objects)
+    prepared = accelerator.prepare(*objects)
+    return (model, *(prepared if len(objects) > 1 else (prepared,)))
 
 
 def begin(run: Run, fresh: bool) -> None:
@@ -342,6 +370,7 @@ def begin(run: Run, fresh: bool) -> None:
             trainer.batch_size,
             accelerator.gradient_accumulation_steps,
             run.cfg.seed,
+            sharding.FSDP if run.sharded else "none",
         ),
     )
     described = {"name": task.name, "splits": task.provenance, "counts": {s: len(r) for s, r in task.rows.items()}}
@@ -437,10 +466,14 @@ def _learn(run: Run, batch: dict) -> bool:
     with accelerator.accumulate(run.model):
         loss = run.model(batch).loss
         accelerator.backward(loss)
+        if run.replicated and accelerator.sync_gradients:
+            sharding.average_gradients(run.replicated)
         loss_value = accelerator.reduce(loss.detach(), "mean").item()
         grad_norm = None
         if accelerator.sync_gradients:
-            grad_norm = accelerator.clip_grad_norm_(run.trainable, run.cfg.trainer.max_grad_norm or math.inf)
+            grad_norm = sharding.full(
+                accelerator.clip_grad_norm_(run.trainable, run.cfg.trainer.max_grad_norm or math.inf)
+            )
         run.failure = _divergence(loss_value, grad_norm, run.cfg.trainer, progress.step + 1, progress.best_step)
         if run.failure:
             return False
@@ -506,18 +539,18 @@ def save_checkpoint(run: Run) -> None:
     progress.accelerator_step = run.accelerator.step
     log_path = run.record.path / records.TRAIN_LOG
     progress.log_bytes = log_path.stat().st_size if log_path.is_file() else 0
-    if run.record.main:
-        model = run.accelerator.unwrap_model(run.model)
-        checkpoint.save(
-            run.record.path,
-            run.cfg,
-            progress,
-            model,
-            run.optimizer,
-            run.scheduler,
-            run.epoch_data_state,
-            run.best_state,
-        )
+    # every process: sharded tensors are gathered whole, and the main process writes them
+    checkpoint.save(
+        run.record.path,
+        run.cfg,
+        progress,
+        run.accelerator.unwrap_model(run.model),
+        run.optimizer,
+        run.scheduler,
+        run.epoch_data_state,
+        run.best_state,
+        write=run.record.main,
+    )
 
 
 def _timing(run: Run) -> dict:
@@ -589,9 +622,14 @@ def _evaluate(run: Run, full: bool = False, reuse: bool = False) -> dict:
     loader = run.full_loader if full and run.full_loader is not None else run.eval_loader
     task, progress = run.pipeline.task, run.cfg.trainer.progress_bar
     if not task.generation:
-        return evaluate(run.model, loader, run.accelerator, task, progress)
+        metrics = evaluate(run.model, loader, run.accelerator, task, progress)
+        if run.sharded:
+            sharding.reshard(run.model)
+        return metrics
     if not reuse:
         run.answers = write_answers(run.model, loader, run.accelerator, run.decoding, progress)
+        if run.sharded:
+            sharding.reshard(run.model)
     answers = run.answers if run.subset is None or full else {i: run.answers[i] for i in run.subset}
     metrics, run.predictions = score_answers(task, answers)
     return metrics
@@ -616,7 +654,7 @@ def _evaluate_best(run: Run) -> dict:
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name in run.best_state:
-                parameter.copy_(run.best_state[name])
+                parameter.copy_(sharding.like(parameter, run.best_state[name]))
     best = _evaluate(run, full=True)
     log.info("best prompt (step %d), whole split: %s", run.progress.best_step, _describe(best))
     _write_predictions(run)

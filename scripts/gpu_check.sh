@@ -98,7 +98,7 @@ name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
 peak = next((value for key, value in PEAKS.items() if key in name), None)
 fraction = f"{achieved / peak:.1%} of {peak:.0f}" if peak else "peak unknown for this card"
 rows.append(f"| training step, bf16, batch {sizes.batch} | {achieved:.1f} TFLOP/s | {fraction} | {name} |")
-print(f"## GPU check: {model_name}, {gpus} GPU(s), {name}\n")
+print(f"## GPU check: {model_name}, {gpus} processes, {name}\n")
 print("| what | result | rate | notes |\n|---|---|---|---|")
 print("\n".join(rows))
 EOF

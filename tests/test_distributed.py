@@ -116,12 +116,14 @@ def test_distributed_sweep_runs_each_job_as_its_own_accelerate_launch_and_resume
 
 @pytest.mark.slow
 def test_submitit_local_runs_a_sweep_with_two_processes_per_job(tmp_path):
-    """The SLURM code path on one machine: two tasks per job, joined through submitit's environment."""
+    """The SLURM code path on one machine: two tasks per job, joined through submitit's environment, each job's
+    backbone sharded across them."""
     result = run_cli(
         "softprompt.train",
         "-m",
         "hydra/launcher=submitit_local",
         "hydra.launcher.tasks_per_node=2",
+        "trainer.sharding=fsdp",
         *quick_overrides("tiny-bert", steps=2),
         "prompt.length=2,4",
         f"output_root={tmp_path}",
@@ -132,7 +134,8 @@ def test_submitit_local_runs_a_sweep_with_two_processes_per_job(tmp_path):
     assert [job.name.split("_")[2] for job in jobs] == ["len2", "len4"]
     for job in jobs:
         assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
-        assert json.loads((job / "env.json").read_text())["num_processes"] == 2
+        env = json.loads((job / "env.json").read_text())
+        assert (env["num_processes"], env["sharding"]) == (2, "fsdp")
     # each job's rank 1 stayed quiet: the summary is only in rank 0's submitit log
     logs = {path.name: path.read_text() for path in sweep_dir.glob(".submitit/*/*_log.out")}
     assert len(logs) == 4

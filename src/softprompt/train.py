@@ -282,8 +282,10 @@ def setup(cfg: TrainConfig, record: records.RunRecord) -> Run:
     training = trains(cfg)
     if training:
         trackers.check_installed(cfg.trainer.log_with)
-    # one process has nothing to shard across
-    sharded = sharding.mode(cfg.trainer) == sharding.FSDP and PartialState().num_processes > 1
+    sharded = sharding.mode(cfg.trainer) == sharding.FSDP
+    if sharded and PartialState().num_processes == 1:
+        log.info("trainer.sharding=fsdp in a single process: nothing to shard across, the backbone stays whole")
+        sharded = False
     if sharded:
         sharding.hand_over_from_accelerate()
     accelerator = Accelerator(

@@ -28,7 +28,6 @@ from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -308,10 +307,12 @@ def setup(cfg: TrainConfig, record: records.RunRecord) -> Run:
         cfg.trainer.gradient_checkpointing,
         cfg.trainer.compile,
     )
+    replicated = []
     if sharded:
         # an adapter stays whole on every process; model tuning's weights are sharded with the rest
-        trained = [p for p in model.parameters() if p.requires_grad]
-        model = sharding.shard(model, cfg.trainer, [] if method_spec(cfg.method.name).trains_backbone else trained)
+        if not method_spec(cfg.method.name).trains_backbone:
+            replicated = [p for p in model.parameters() if p.requires_grad]
+        model = sharding.shard(model, cfg.trainer, replicated)
     identity = {
         "method": cfg.method.name,
         "model": backbone.name,
@@ -341,9 +342,7 @@ def setup(cfg: TrainConfig, record: records.RunRecord) -> Run:
     run.train_loader, run.optimizer, run.scheduler, run.data_order = train_loader, optimizer, scheduler, data_order
     if full_loader is not None:
         run.full_loader, run.subset = full_loader, subset
-    run.trainable = [p for p in model.parameters() if p.requires_grad]
-    if sharded:
-        run.replicated = [p for p in run.trainable if not isinstance(p, DTensor)]
+    run.trainable, run.replicated = [p for p in model.parameters() if p.requires_grad], replicated
     return run
 
 

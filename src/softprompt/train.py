@@ -540,7 +540,9 @@ def save_checkpoint(run: Run) -> None:
     progress.accelerator_step = run.accelerator.step
     log_path = run.record.path / records.TRAIN_LOG
     progress.log_bytes = log_path.stat().st_size if log_path.is_file() else 0
-    # every process: sharded tensors are gathered whole, and the main process writes them
+    if not (run.record.main or run.sharded):
+        return
+    # sharded, every process takes part in gathering the tensors whole, and the main process writes them
     checkpoint.save(
         run.record.path,
         run.cfg,

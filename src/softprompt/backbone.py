@@ -263,16 +263,21 @@ HEAD_NAMES = ("classifier", "score")
 
 
 class _FreshHeadReport(logging.Filter):
-    """transformers reports the classification head we add as missing weights on every load: expected, so a load
-    report that names only head weights is dropped; one that names any other weight still shows."""
+    """transformers reports the classification head we add as missing weights on every load, and the pretrained
+    pooler as unexpected where the classification model has its own head in its place (mpnet-base): both
+    expected, so a load report that names only those is dropped; one that names any other weight still shows."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
         if "LOAD REPORT" not in text:
             return True
-        rows = [line.split("|")[0].strip() for line in text.splitlines() if line.count("|") >= 2]
-        keys = [key for key in rows if key and key != "Key" and not key.startswith("-")]
-        return not keys or not all(_is_head(key) for key in keys)
+        rows = [[cell.strip() for cell in line.split("|")[:2]] for line in text.splitlines() if line.count("|") >= 2]
+        rows = [(key, status) for key, status in rows if key and key != "Key" and not key.startswith("-")]
+        return not rows or not all(_expected_in_load_report(key, status) for key, status in rows)
+
+
+def _expected_in_load_report(key: str, status: str) -> bool:
+    return _is_head(key) or (status == "UNEXPECTED" and key.split(".")[0] == "pooler")
 
 
 @contextlib.contextmanager

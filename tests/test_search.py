@@ -1,6 +1,6 @@
 """Hyperparameter search with Optuna (softprompt/search.py): softprompt's sweeper defaults, a search on a tiny
 model that maximises the best dev metric, goes on past a failed trial, replays on a rerun, and is drawn by the
-report; and one line naming the extra where the plugin is missing."""
+report, ends as a failed sweep when no trial completes; and one line naming the extra where the plugin is missing."""
 
 from __future__ import annotations
 
@@ -99,6 +99,21 @@ def test_search_maximises_the_dev_metric_goes_on_past_a_failed_trial_and_replays
     assert second.stdout.count("skipped, completed earlier") == 2 and second.stdout.count("accuracy: ") == 1
     assert {name: (sweep_dir / name / "metrics.json").read_bytes() for name in finished} == finished
     assert len(statuses(sweep_dir)) == 4 and "4 trials (" in (sweep_dir / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_search_where_every_trial_fails_ends_as_a_failed_sweep_without_a_traceback(tmp_path):
+    sweep_dir = tmp_path / "search"
+    fixed = quick_overrides("tiny-bert", **{"trainer.batch_size": "0"})
+    searched = ["trainer.lr=tag(log, interval(0.001, 0.3))", "hydra.sweeper.n_trials=2"]
+    result = run_cli(
+        "softprompt.train", "-m", "hydra/sweeper=optuna", *searched, *fixed, f"hydra.sweep.dir={sweep_dir}"
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "No trials are completed" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("2 of 2 jobs failed: ")
+    assert [record["status"] for record in statuses(sweep_dir).values()] == ["failed", "failed"]
+    assert f"2 runs from {sweep_dir}: 2 failed." in (sweep_dir / "report.md").read_text()
 
 
 # a Python where every Hydra plugin but the Optuna sweeper is installed

@@ -5,7 +5,8 @@ the search at the first trial that raises. A softprompt job returns its best dev
 every task) and a sweep is resumable, so `hydra/sweeper=optuna` here is the plugin's schema with softprompt's
 defaults: maximise, one trial at a time (each proposal knows every result before it), the sampler seeded by
 `seed`, and a failed trial (the job returned None, or raised) recorded as failed by Optuna while the search goes
-on. Seeded, the sampler proposes the same trials again given the same results: a rerun of the same command
+on; a search where no trial completed ends as any sweep whose jobs all failed (hydra_plugins/
+softprompt_optuna_sweeper.py). Seeded, the sampler proposes the same trials again given the same results: a rerun of the same command
 replays the search, skipping completed trials (their recorded metrics are told to Optuna again), resuming an
 interrupted one from its checkpoint and training what is missing; with a larger `n_trials` it goes on past
 where it stopped.
@@ -34,6 +35,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 PLUGIN = "hydra_plugins.hydra_optuna_sweeper"
+# hydra_plugins/softprompt_optuna_sweeper.py: the plugin's sweeper, ending a search where no trial completed as a
+# failed sweep; sweep directories of either name are searches
+SWEEPER = "hydra_plugins.softprompt_optuna_sweeper.SoftpromptOptunaSweeper"
 INSTALL = "pip install 'softprompt[optuna]'"
 # written into the sweep directory: the multirun's config (by us), Optuna's best trial (by the sweeper)
 MULTIRUN = "multirun.yaml"
@@ -67,6 +71,7 @@ def register_sweeper() -> None:
 
     @dataclass
     class SoftpromptOptunaConf(OptunaSweeperConf):
+        _target_: str = SWEEPER
         direction: Any = "maximize"
         n_jobs: int = 1
         max_failure_rate: float = 1.0
@@ -118,7 +123,7 @@ def find_search(folder: Path) -> Search | None:
     """The Optuna search whose sweep directory `folder` is, or None (another sweep, a run, a damaged record)."""
     try:
         multirun = OmegaConf.load(folder / MULTIRUN)
-        if not str(OmegaConf.select(multirun, "hydra.sweeper._target_", default="")).startswith(PLUGIN):
+        if not str(OmegaConf.select(multirun, "hydra.sweeper._target_", default="")).startswith((PLUGIN, SWEEPER)):
             return None
         params = multirun.hydra.sweeper.params
         arguments = [f"{key}={value}" for key, value in (params.items() if params is not None else [])]

@@ -1,12 +1,14 @@
 """Hyperparameter search with Optuna (softprompt/search.py): softprompt's sweeper defaults, a search on a tiny
 model that maximises the best dev metric, goes on past a failed trial, replays on a rerun, and is drawn by the
-report, ends as a failed sweep when no trial completes; and one line naming the extra where the plugin is missing."""
+report, ends as a failed sweep when no trial completes; one line for a storage optuna cannot write, and one
+naming the extra where the plugin is missing."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,25 @@ def test_a_search_where_every_trial_fails_ends_as_a_failed_sweep_without_a_trace
     assert result.stderr.strip().splitlines()[-1].startswith("2 of 2 jobs failed: ")
     assert [record["status"] for record in statuses(sweep_dir).values()] == ["failed", "failed"]
     assert f"2 runs from {sweep_dir}: 2 failed." in (sweep_dir / "report.md").read_text()
+
+
+@pytest.mark.skipif(int(version("sqlalchemy").split(".")[0]) < 2, reason="optuna 2.10 writes SQLAlchemy 1 databases")
+def test_a_storage_optuna_cannot_write_is_refused_in_one_line_before_anything_runs(tmp_path):
+    database = tmp_path / "search.db"
+    result = run_cli(
+        "softprompt.train",
+        "-m",
+        "experiment=lr_search",
+        f"hydra.sweeper.storage=sqlite:///{database}",
+        f"hydra.sweep.dir={tmp_path / 'search'}",
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: hydra.sweeper.storage=sqlite:///{database} is not allowed with SQLAlchemy {version('sqlalchemy')}: "
+        "the Optuna sweeper's optuna 2.10 writes databases only with SQLAlchemy < 2; leave storage out, the same "
+        "command resumes the search from its sweep directory"
+    ]
+    assert list(tmp_path.iterdir()) == []
 
 
 # a Python where every Hydra plugin but the Optuna sweeper is installed

@@ -19,6 +19,7 @@ reads them back to draw the metric against each searched value.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 from dataclasses import dataclass, field
@@ -31,8 +32,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.core.plugins import Plugins
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from softprompt.errors import UserError
 
 PLUGIN = "hydra_plugins.hydra_optuna_sweeper"
 # hydra_plugins/softprompt_optuna_sweeper.py: the plugin's sweeper, ending a search where no trial completed as a
@@ -53,6 +56,24 @@ def missing_plugin(group: str, choice: str) -> str | None:
     if group == "hydra/sweeper" and choice == "optuna":
         return f"hydra/sweeper=optuna needs Hydra's Optuna sweeper, which is not installed: {INSTALL}"
     return None
+
+
+def check_storage(cfg: DictConfig) -> None:
+    """Refuse `hydra.sweeper.storage` where Optuna cannot write it, before any trial runs.
+
+    optuna 2.10, the newest the Hydra plugin allows, reads its database schema with calls SQLAlchemy 2 removed: the
+    search would end in a traceback; the sweep directory keeps what storage would, for a rerun.
+    """
+    storage = OmegaConf.select(cfg, "hydra.sweeper.storage", default=None)
+    if storage is None or not plugin_installed():
+        return
+    version = importlib.metadata.version("sqlalchemy")
+    if int(version.split(".")[0]) >= 2:
+        raise UserError(
+            f"hydra.sweeper.storage={storage} is not allowed with SQLAlchemy {version}: the Optuna sweeper's optuna "
+            "2.10 writes databases only with SQLAlchemy < 2; leave storage out, the same command resumes the search "
+            "from its sweep directory"
+        )
 
 
 def register_sweeper() -> None:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
-from softprompt import checkpoint, model_card, sharding, sweep, trackers
+from softprompt import checkpoint, model_card, search, sharding, sweep, trackers
 from softprompt import run_dir as records
 from softprompt.cli import CONF_DIR, precheck, without_hydra
 from softprompt.config import TrainConfig, TrainerConfig, flatten, register_configs, validate
@@ -780,6 +780,7 @@ def main() -> None:
     check_launch(sys.argv[1:])
     found, cfg = precheck(sys.argv[1:])
     if cfg is not None and found.show is None:
+        search.check_storage(cfg)
         # a sweep's jobs are validated each in its own run, so one bad job fails alone
         check_output_dir(cfg, None if found.multirun else validate(without_hydra(cfg)))
     hydra_main()

@@ -171,3 +171,23 @@ def test_mistakes_give_one_line_and_exit_2(tmp_path, args, message):
     result = run_cli("softprompt.report", *[arg.format(tmp=tmp_path) for arg in args])
     assert result.returncode == 2 and result.stderr.strip().startswith("error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_initialisations_are_drawn_from_least_to_most_informed(tmp_path, monkeypatch):
+    """Lester et al.'s Fig. 3(b) order, on the x axis for one model and in the legend across model sizes."""
+    for init, value in (("class_labels", 0.8), ("random_uniform", 0.7), ("sampled_vocab", 0.75)):
+        for model, params in (("minilm-l6", 22_713_216), ("mpnet-base", 109_486_464)):
+            record = completed(model, params, 20, 0, value)
+            make_run(tmp_path / "sizes", f"{model}_{init}", [f"model={model}", f"prompt.init={init}"], record)
+            if model == "minilm-l6":
+                make_run(tmp_path / "one", init, [f"model={model}", f"prompt.init={init}"], record)
+    figures = []
+    monkeypatch.setattr(importlib.import_module("matplotlib.pyplot"), "close", figures.append)
+    order = ["random_uniform", "sampled_vocab", "class_labels"]
+    write_report([tmp_path / "one"], tmp_path / "one")
+    (panel,) = [panel for panel in figures[-1].axes if panel.has_data()]
+    assert [label.get_text() for label in panel.get_xticklabels()] == order
+    assert list(panel.containers[0].lines[0].get_ydata()) == [0.7, 0.75, 0.8]
+    write_report([tmp_path / "sizes"], tmp_path / "sizes")
+    (panel,) = [panel for panel in figures[-1].axes if panel.has_data()]
+    assert [text.get_text() for text in panel.get_legend().get_texts()] == [f"initialisation {init}" for init in order]

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from softprompt import run_dir as records  # noqa: E402
-from softprompt.config import flatten  # noqa: E402
+from softprompt.config import INITS, flatten  # noqa: E402
 from softprompt.errors import UserError, exit_on_user_error, folder_problem, read_record  # noqa: E402
 from softprompt.identity import NON_RESULT_KEYS  # noqa: E402
 from softprompt.registry import DEFAULT_METHOD, METHODS, MethodSpec  # noqa: E402
@@ -237,11 +237,12 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
         others = ["method", "init" if axis == "prompt_length" else "prompt_length", *varying_keys(summary)]
         line_keys += [key for key in others if rows[key].nunique() > 1]
         categorical = x_key == "init"
-        positions = {value: index for index, value in enumerate(sorted(rows[x_key].unique(), key=str))}
+        positions = {value: index for index, value in enumerate(sorted(rows[x_key].unique(), key=_init_order))}
         annotate = len(rows) <= 16
-        lines = list(rows.groupby(line_keys, sort=True))
+        # stable: lines apart only in other keys keep groupby's order
+        lines = sorted(rows.groupby(line_keys, sort=True), key=lambda group: [_init_order(key)[0] for key in group[0]])
         for number, (_, line) in enumerate(lines):
-            line = line.sort_values(x_key)
+            line = line.sort_values(x_key, key=lambda column: column.map(positions) if categorical else column)
             xs = [positions[value] for value in line[x_key]] if categorical else line[x_key].astype(float)
             xs = _dodged(xs, number, len(lines), log=not categorical)
             panel.errorbar(
@@ -279,6 +280,12 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
         panel.grid(True, which="both", alpha=0.3)
         _legend_beside(panel)
     return save_figure(figure, stem)
+
+
+def _init_order(value) -> tuple[int, str]:
+    """Initialisations in the order of Lester et al.'s Fig. 3(b), from least to most informed (config.INITS);
+    any other value after them, by its name."""
+    return (INITS.index(value), "") if value in INITS else (len(INITS), str(value))
 
 
 def _dodged(xs, number: int, count: int, log: bool) -> list[float]:

@@ -5,9 +5,9 @@ the search at the first trial that raises. A softprompt job returns its best dev
 every task) and a sweep is resumable, so `hydra/sweeper=optuna` here is the plugin's schema with softprompt's
 defaults: maximise, one trial at a time (each proposal knows every result before it), the sampler seeded by
 `seed`, and a failed trial (the job returned None, or raised) recorded as failed by Optuna while the search goes
-on; a search where no trial completed ends as any sweep whose jobs all failed (hydra_plugins/
-softprompt_optuna_sweeper.py). Seeded, the sampler proposes the same trials again given the same results: a rerun of the same command
-replays the search, skipping completed trials (their recorded metrics are told to Optuna again), resuming an
+on; a search where no trial completed ends as any sweep whose jobs all failed
+(hydra_plugins/softprompt_optuna_sweeper.py). Seeded, the sampler proposes the same trials again given the same
+results: a rerun of the same command replays the search, skipping completed trials (their recorded metrics are told to Optuna again), resuming an
 interrupted one from its checkpoint and training what is missing; with a larger `n_trials` it goes on past
 where it stopped.
 

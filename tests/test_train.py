@@ -66,6 +66,19 @@ def test_trains_saves_and_reloads_through_peft(train_run, model):
     assert accuracy == pytest.approx(metrics["eval"]["accuracy"], abs=1e-6)
 
 
+def test_metrics_keep_every_evaluation_as_the_dev_curve(train_run):
+    """eval_curve holds step 0 and each trainer.eval_every step; the best of them is `eval`, at `best_step`."""
+    run_dir, _ = train_run(quick_overrides("tiny-bert", steps=6, **{"trainer.lr": "0.3", "trainer.eval_every": "2"}))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    curve = metrics["eval_curve"]
+    assert [point["step"] for point in curve] == [0, 2, 4, 6]
+    assert curve[0] == {"step": 0, **metrics["initial_eval"]}
+    accuracies = [point["accuracy"] for point in curve]
+    assert len(set(accuracies)) > 1, "the tiny model's dev accuracy moves at this learning rate"
+    first_best = accuracies.index(max(accuracies))
+    assert metrics["eval"]["accuracy"] == max(accuracies) and metrics["best_step"] == curve[first_best]["step"]
+
+
 def test_same_seed_gives_identical_metrics(train_run):
     overrides = quick_overrides("tiny-llama", steps=4)
     first, _ = train_run(overrides, "first")

@@ -107,9 +107,9 @@ def _logging_kept() -> Iterator[None]:
 
 
 def report(*folders: str | Path, out: str | Path | None = None, reference: str | Path | None = None) -> dict[str, Path]:
-    """softprompt-report: every run under `folders` -> results.csv, summary.csv, report.md and figures in `out`
-    (default: the one folder given). Returns the files written: "results", "summary", "markdown", then each
-    figure by its file name."""
+    """softprompt-report: every run under `folders` -> results.csv, summary.csv, curves.csv, report.md and
+    figures in `out` (default: the one folder given). Returns the files written: "results", "summary", "curves",
+    "markdown", then each figure by its file name."""
     if not folders:
         raise UserError("softprompt.report needs a folder: a run directory, or a folder of them")
     if out is None and len(folders) > 1:

@@ -60,6 +60,8 @@ class Progress:
     # step 0's on the whole split, when those rows are task.eval_rows of it
     initial_full: dict[str, float] = field(default_factory=dict)
     best_step: int = 0
+    # every evaluation during training, step 0 included: {"step": ..., metric: value, ...}
+    curve: list[dict[str, float]] = field(default_factory=list)
     stale: int = 0
     # the train_log window not yet written
     window_samples: int = 0

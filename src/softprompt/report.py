@@ -7,7 +7,8 @@ differ in it are never averaged together. Figures follow Lester et al. (2021) Fi
 metric against model parameters (log x), one line per prompt length and one per initialisation;
 and Fig. 1 when the runs compare methods (model tuning, prompt tuning, prompt design, ...): one
 line per method across model sizes (`by_model_size`), and the metric against the number of
-trainable parameters (`by_trainable_params`). For an Optuna search (softprompt.search), the metric of
+trainable parameters (`by_trainable_params`). Every setting's dev curve over training, mean over seeds
+(`dev_curves`), shows whether a schedule has flattened. For an Optuna search (softprompt.search), the metric of
 every trial against each searched value (`trials`), the best trial marked and failed trials shown.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -36,7 +38,10 @@ from softprompt.search import MULTIRUN, Search, find_search, trial_values  # noq
 
 RESULTS_CSV = "results.csv"
 SUMMARY_CSV = "summary.csv"
+CURVES_CSV = "curves.csv"
 REPORT_MD = "report.md"
+# what write_report returns besides the figures
+TABLES = ("markdown", "results", "summary", "curves")
 # the columns of the tidy table, in order; config keys that vary across runs are added after `init`
 COLUMNS = [
     "run",
@@ -150,6 +155,37 @@ def load_run(run_path: Path) -> tuple[dict, dict]:
         "reason": damage or metrics.get("reason"),
     }
     return row, config
+
+
+# a dev evaluation as the training log writes it: "... - step 150: accuracy=0.6800, f1=0.6512"
+LOGGED_EVALUATION = re.compile(r" - step (\d+): ((?:\w+=[-\d.]+(?:, )?)+)$")
+
+
+def _logged_curve(run_path: Path) -> list[dict]:
+    """The dev curve of a run trained before metrics.json kept `eval_curve`, from its train.log; a resumed run
+    logs the steps it evaluates again, with the same values, so each step's first line is kept."""
+    points = {}
+    lines = [line for path in sorted(run_path.glob("*.log")) for line in path.read_text(errors="replace").splitlines()]
+    for line in lines:
+        match = LOGGED_EVALUATION.search(line)
+        if match and int(match[1]) not in points:
+            pairs = (pair.split("=") for pair in match[2].split(", "))
+            points[int(match[1])] = {"step": int(match[1]), **{key: float(value) for key, value in pairs}}
+    return [points[step] for step in sorted(points)]
+
+
+def curve_table(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per evaluation during training of every run in the tidy table: its setting, seed, step and value
+    of the main metric (metrics.json's `eval_curve`, or train.log's for older runs)."""
+    settings = [column for column in table.columns[: table.columns.get_loc("seed") + 1] if column != "metric"]
+    rows = []
+    for run in table.itertuples(index=False):
+        _, metrics, _ = _read_record(Path(run.run))
+        curve = metrics.get("eval_curve") or _logged_curve(Path(run.run))
+        rows += [{"run": run.run, "step": point["step"], "value": point.get(run.metric)} for point in curve]
+    points = pd.DataFrame(rows, columns=["run", "step", "value"]).astype({"step": "Int64"})
+    shown = table[[*settings, "metric", "status"]]
+    return shown.merge(points, on="run", how="inner")[[*settings, "metric", "step", "value", "status"]]
 
 
 def tidy_table(runs: list[Path]) -> pd.DataFrame:
@@ -279,6 +315,40 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
         )
         panel.grid(True, which="both", alpha=0.3)
         _legend_beside(panel)
+    return save_figure(figure, stem)
+
+
+def draw_curves(curves: pd.DataFrame, stem: Path) -> list[Path]:
+    """Each setting's dev curve, mean over the seeds that completed, a band of one std: one panel per task and
+    model, smallest model first, one line per setting. It shows where a schedule has flattened."""
+    data = curves[(curves["status"] == "completed") & curves["value"].notna()]
+    panels_of = list(dict.fromkeys(zip(data["task"], data["metric"], data["parameters"], data["model"])))
+    panels_of.sort(key=lambda panel: (str(panel[0]), panel[2] if not _missing(panel[2]) else 0))
+    figure, panels = plt.subplots(
+        1, len(panels_of), figsize=(6.4 * len(panels_of), 4.6), squeeze=False, sharey=data["metric"].nunique() == 1
+    )
+    setting_keys = [key for key in ["method", "prompt_length", "init", *varying_keys(curves)] if key in curves]
+    for panel, (task, metric, parameters, model) in zip(panels[0], panels_of):
+        rows = data[(data["task"] == task) & (data["model"] == model)]
+        keys = [key for key in setting_keys if rows[key].astype(str).nunique() > 1]
+        groups = rows.groupby(keys, sort=True, dropna=False) if keys else [((), rows)]
+        for number, (_, line) in enumerate(sorted(groups, key=lambda group: [_init_order(k)[0] for k in group[0]])):
+            by_step = line.groupby("step")["value"]
+            mean, std, seeds = by_step.mean(), by_step.std().fillna(0), line["seed"].nunique()
+            label = _method_label(line.iloc[0], keys) if keys else _label(line["method"].iloc[0])
+            panel.plot(
+                mean.index,
+                mean,
+                marker=MARKERS[number % len(MARKERS)],
+                markersize=3,
+                label=f"{label} ({seeds} seed{'' if seeds == 1 else 's'})",
+            )
+            panel.fill_between(mean.index, mean - std, mean + std, alpha=0.15)
+        panel.set_title(f"{task}: {model}" + ("" if _missing(parameters) else f" ({_millions(parameters)})"))
+        panel.set_xlabel("training step")
+        panel.set_ylabel(f"dev {metric} (mean ± std over seeds)")
+        panel.grid(True, alpha=0.3)
+        panel.legend(fontsize=7, loc="lower right")
     return save_figure(figure, stem)
 
 
@@ -578,11 +648,21 @@ def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = 
         raise UserError(f"--out {out}: the report needs a folder there ({problem}); give another --out")
     out.mkdir(parents=True, exist_ok=True)
     table = tidy_table(runs)
-    table["run"] = [str(Path(run).relative_to(out)) if Path(run).is_relative_to(out) else run for run in table["run"]]
+    curves = curve_table(table)
+    for frame in (table, curves):
+        frame["run"] = [
+            str(Path(run).relative_to(out)) if Path(run).is_relative_to(out) else run for run in frame["run"]
+        ]
     summary = summarise(table)
-    written = {"results": out / RESULTS_CSV, "summary": out / SUMMARY_CSV, "markdown": out / REPORT_MD}
+    written = {
+        "results": out / RESULTS_CSV,
+        "summary": out / SUMMARY_CSV,
+        "curves": out / CURVES_CSV,
+        "markdown": out / REPORT_MD,
+    }
     table.to_csv(written["results"], index=False)
     summary.to_csv(written["summary"], index=False)
+    curves.to_csv(written["curves"], index=False)
 
     done = summary[summary["seeds"] > 0]
     # a prompt-length or initialisation figure when one method's runs vary it
@@ -596,6 +676,9 @@ def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = 
             figures += draw_methods(summary, "parameters", reference, out / "by_model_size")
             if (done["trainable_params"].fillna(0) > 0).any():
                 figures += draw_methods(summary, "trainable_params", None, out / "by_trainable_params")
+    # a curve is two evaluations or more
+    if (curves[curves["status"] == "completed"].groupby("run")["step"].nunique() > 1).any():
+        figures += draw_curves(curves, out / "dev_curves")
     searches = find_searches(paths)
     search_lines = ["## Optuna search", ""] if searches else []
     for folder, (search, trials) in searches.items():
@@ -659,12 +742,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--out is required when more than one directory is given")
     reference = read_reference(args.reference) if args.reference else None
     written = write_report(args.dirs, args.out or args.dirs[0], reference)
-    for name in ("markdown", "results", "summary"):
+    for name in TABLES:
         print(f"{name}: {written[name]}")
-    print(
-        "figures: "
-        + ", ".join(str(path) for key, path in written.items() if key not in ("markdown", "results", "summary"))
-    )
+    print("figures: " + ", ".join(str(path) for key, path in written.items() if key not in TABLES))
 
 
 if __name__ == "__main__":

@@ -114,6 +114,7 @@ def _record(run: Run) -> dict:
         "main_metric": run.cfg.task.main_metric,
         "eval_examples": len(run.pipeline.task.examples["validation"]),
         "best_step": progress.best_step,
+        "eval_curve": progress.curve,
         "steps": progress.step,
         "trainable_params": run.counts,
     }
@@ -419,6 +420,7 @@ def start_or_resume(run: Run, snapshot: checkpoint.Snapshot | None) -> None:
         run.best_state = _trained_state(run)
         run.record.append_log({"step": 0, "eval_subset": progress.initial})
         log.info("step 0, whole split: %s", _describe(progress.initial_full))
+    progress.curve.append({"step": 0, **progress.initial})
     run.accelerator.log({f"eval/{key}": value for key, value in progress.initial.items()}, step=0)
     save_prompt(run)
     log.info("step 0: %s", _describe(progress.initial))
@@ -516,6 +518,7 @@ def _evaluate_step(run: Run) -> None:
     a gain end training here."""
     progress, main_metric, patience = run.progress, run.cfg.task.main_metric, run.cfg.trainer.early_stopping_patience
     current = _evaluate(run)
+    progress.curve.append({"step": progress.step, **current})
     run.accelerator.log({f"eval/{key}": value for key, value in current.items()}, step=progress.step)
     log.info("step %d: %s", progress.step, _describe(current))
     if run.subset is not None:
@@ -580,6 +583,7 @@ def _evaluate_design(run: Run) -> dict:
         )
     started = time.perf_counter()
     run.progress.initial = run.progress.best = _evaluate(run, full=True)
+    run.progress.curve.append({"step": 0, **run.progress.best})
     seconds = time.perf_counter() - started
     _write_predictions(run)
     log.info("prompt design, %d demonstrations: %s", cfg.method.num_demonstrations, _describe(run.progress.best))

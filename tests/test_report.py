@@ -225,7 +225,7 @@ def test_dev_curves_from_metrics_and_from_older_runs_logs(tmp_path):
     }
     assert set(curves["prompt_length"]) == {1, 20} and set(curves["metric"]) == {"accuracy"}
     svg = (tmp_path / "dev_curves.svg").read_text()
-    for text in ("prompt tuning (length 20) (2 seeds)", "prompt tuning (length 1) (1 seed)", "training step", "22.7M"):
+    for text in ("prompt tuning (length 20), 2 seeds", "prompt tuning (length 1), 1 seed", "training step", "22.7M"):
         assert text in svg, text
     assert "![dev_curves](dev_curves.png)" in written["markdown"].read_text()
 

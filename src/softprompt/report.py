@@ -324,10 +324,12 @@ def draw_curves(curves: pd.DataFrame, stem: Path) -> list[Path]:
     data = curves[(curves["status"] == "completed") & curves["value"].notna()]
     panels_of = list(dict.fromkeys(zip(data["task"], data["metric"], data["parameters"], data["model"])))
     panels_of.sort(key=lambda panel: (str(panel[0]), panel[2] if not _missing(panel[2]) else 0))
-    figure, panels = plt.subplots(
-        1, len(panels_of), figsize=(6.4 * len(panels_of), 4.6), squeeze=False, sharey=data["metric"].nunique() == 1
-    )
     setting_keys = [key for key in ["method", "prompt_length", "init", *varying_keys(curves)] if key in curves]
+    # room below the panels for the legends, a line per setting
+    height = 4.6 + 0.2 * data.groupby(setting_keys, dropna=False).ngroups
+    figure, panels = plt.subplots(
+        1, len(panels_of), figsize=(6.4 * len(panels_of), height), squeeze=False, sharey=data["metric"].nunique() == 1
+    )
     for panel, (task, metric, parameters, model) in zip(panels[0], panels_of):
         rows = data[(data["task"] == task) & (data["model"] == model)]
         keys = [key for key in setting_keys if rows[key].astype(str).nunique() > 1]
@@ -341,14 +343,14 @@ def draw_curves(curves: pd.DataFrame, stem: Path) -> list[Path]:
                 mean,
                 marker=MARKERS[number % len(MARKERS)],
                 markersize=3,
-                label=f"{label} ({seeds} seed{'' if seeds == 1 else 's'})",
+                label=f"{label}, {seeds} seed{'' if seeds == 1 else 's'}",
             )
             panel.fill_between(mean.index, mean - std, mean + std, alpha=0.15)
         panel.set_title(f"{task}: {model}" + ("" if _missing(parameters) else f" ({_millions(parameters)})"))
         panel.set_xlabel("training step")
         panel.set_ylabel(f"dev {metric} (mean ± std over seeds)")
         panel.grid(True, alpha=0.3)
-        panel.legend(fontsize=7, loc="lower right")
+        panel.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     return save_figure(figure, stem)
 
 

@@ -337,7 +337,7 @@ def draw_curves(curves: pd.DataFrame, stem: Path) -> list[Path]:
         for number, (_, line) in enumerate(sorted(groups, key=lambda group: [_init_order(k)[0] for k in group[0]])):
             by_step = line.groupby("step")["value"]
             mean, std, seeds = by_step.mean(), by_step.std().fillna(0), line["seed"].nunique()
-            label = _method_label(line.iloc[0], keys) if keys else _label(line["method"].iloc[0])
+            label = _method_label(line.iloc[0], [key for key in keys if key != "method"])
             panel.plot(
                 mean.index,
                 mean,

@@ -322,6 +322,8 @@ def draw_curves(curves: pd.DataFrame, stem: Path) -> list[Path]:
     """Each setting's dev curve, mean over the seeds that completed, a band of one std: one panel per task and
     model, smallest model first, one line per setting. It shows where a schedule has flattened."""
     data = curves[(curves["status"] == "completed") & curves["value"].notna()]
+    # prompt design's single evaluation is not a curve
+    data = data[data.groupby("run")["step"].transform("nunique") > 1]
     panels_of = list(dict.fromkeys(zip(data["task"], data["metric"], data["parameters"], data["model"])))
     panels_of.sort(key=lambda panel: (str(panel[0]), panel[2] if not _missing(panel[2]) else 0))
     setting_keys = [key for key in ["method", "prompt_length", "init", *varying_keys(curves)] if key in curves]

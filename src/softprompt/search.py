@@ -7,9 +7,9 @@ defaults: maximise, one trial at a time (each proposal knows every result before
 `seed`, and a failed trial (the job returned None, or raised) recorded as failed by Optuna while the search goes
 on; a search where no trial completed ends as any sweep whose jobs all failed
 (hydra_plugins/softprompt_optuna_sweeper.py). Seeded, the sampler proposes the same trials again given the same
-results: a rerun of the same command replays the search, skipping completed trials (their recorded metrics are told to Optuna again), resuming an
-interrupted one from its checkpoint and training what is missing; with a larger `n_trials` it goes on past
-where it stopped.
+results: a rerun of the same command replays the search, skipping completed trials (their recorded metrics are
+told to Optuna again), resuming an interrupted one from its checkpoint and training what is missing; with a
+larger `n_trials` it goes on past where it stopped.
 
 The sweeper records neither its search space nor its trials' numbers; the sweep directory keeps the multirun's
 config (`multirun.yaml`, written by `sweep.ReportCallback` as the basic sweeper writes its own), Optuna's best

@@ -195,7 +195,8 @@ def test_initialisations_are_drawn_from_least_to_most_informed(tmp_path, monkeyp
 
 def test_dev_curves_from_metrics_and_from_older_runs_logs(tmp_path):
     """curves.csv and dev_curves: each evaluation of every run, from metrics.json's eval_curve or, for a run made
-    before it existed, from its train.log (a resumed run's repeated step counted once)."""
+    before it existed or resumed from a checkpoint older than it, from its train.log (a resumed run's repeated step
+    counted once)."""
     for seed, late in ((0, 0.80), (1, 0.84)):
         record = completed("minilm-l6", 22_713_216, 20, seed, late)
         record["eval_curve"] = [
@@ -207,14 +208,18 @@ def test_dev_curves_from_metrics_and_from_older_runs_logs(tmp_path):
     older = make_run(
         tmp_path, "older", ["model=minilm-l6", "prompt.length=1"], completed("minilm-l6", 22_713_216, 1, 0, 0.66)
     )
-    (older / "train.log").write_text(
-        "[2026-12-05 23:39:44,883][softprompt][INFO] - step 0: accuracy=0.4989\n"
-        "[2026-12-05 23:39:45,000][softprompt][INFO] - step 0, whole split: accuracy=0.4900\n"
-        "[2026-12-05 23:41:00,077][softprompt][INFO] - step 150: accuracy=0.6600\n"
-        "[2026-12-05 23:41:30,000][softprompt][INFO] - resumed from checkpoint at step 100\n"
-        "[2026-12-05 23:42:00,077][softprompt][INFO] - step 150: accuracy=0.6600\n"
-        "[2026-12-05 23:43:32,632][softprompt][INFO] - step 300: accuracy=0.6500\n"
-    )
+    bridged_record = completed("minilm-l6", 22_713_216, 1, 1, 0.66)
+    bridged_record["eval_curve"] = [{"step": 300, "accuracy": 0.65}]  # the evaluations after the resume only
+    bridged = make_run(tmp_path, "bridged", ["model=minilm-l6", "prompt.length=1", "seed=1"], bridged_record)
+    for run in (older, bridged):
+        (run / "train.log").write_text(
+            "[2026-12-05 23:39:44,883][softprompt][INFO] - step 0: accuracy=0.4989\n"
+            "[2026-12-05 23:39:45,000][softprompt][INFO] - step 0, whole split: accuracy=0.4900\n"
+            "[2026-12-05 23:41:00,077][softprompt][INFO] - step 150: accuracy=0.6600\n"
+            "[2026-12-05 23:41:30,000][softprompt][INFO] - resumed from checkpoint at step 100\n"
+            "[2026-12-05 23:42:00,077][softprompt][INFO] - step 150: accuracy=0.6600\n"
+            "[2026-12-05 23:43:32,632][softprompt][INFO] - step 300: accuracy=0.6500\n"
+        )
     written = write_report([tmp_path], tmp_path)
     curves = pd.read_csv(written["curves"])
     by_run = {run: list(zip(rows["step"], rows["value"])) for run, rows in curves.groupby("run")}
@@ -222,10 +227,11 @@ def test_dev_curves_from_metrics_and_from_older_runs_logs(tmp_path):
         "new_0": [(0, 0.5), (150, 0.7), (300, 0.8)],
         "new_1": [(0, 0.5), (150, 0.7), (300, 0.84)],
         "older": [(0, 0.4989), (150, 0.66), (300, 0.65)],
+        "bridged": [(0, 0.4989), (150, 0.66), (300, 0.65)],
     }
     assert set(curves["prompt_length"]) == {1, 20} and set(curves["metric"]) == {"accuracy"}
     svg = (tmp_path / "dev_curves.svg").read_text()
-    for text in ("prompt tuning (length 20), 2 seeds", "prompt tuning (length 1), 1 seed", "training step", "22.7M"):
+    for text in ("prompt tuning (length 20), 2 seeds", "prompt tuning (length 1), 2 seeds", "training step", "22.7M"):
         assert text in svg, text
     assert "![dev_curves](dev_curves.png)" in written["markdown"].read_text()
 

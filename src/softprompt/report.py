@@ -162,8 +162,9 @@ LOGGED_EVALUATION = re.compile(r" - step (\d+): ((?:\w+=[-\d.]+(?:, )?)+)$")
 
 
 def _logged_curve(run_path: Path) -> list[dict]:
-    """The dev curve of a run trained before metrics.json kept `eval_curve`, from its train.log; a resumed run
-    logs the steps it evaluates again, with the same values, so each step's first line is kept."""
+    """The dev curve of a run trained, or resumed from a checkpoint saved, before metrics.json kept `eval_curve`,
+    from its train.log; a resumed run logs the steps it evaluates again, with the same values, so each step's
+    first line is kept."""
     points = {}
     lines = [line for path in sorted(run_path.glob("*.log")) for line in path.read_text(errors="replace").splitlines()]
     for line in lines:
@@ -181,7 +182,9 @@ def curve_table(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for run in table.itertuples(index=False):
         _, metrics, _ = _read_record(Path(run.run))
-        curve = metrics.get("eval_curve") or _logged_curve(Path(run.run))
+        curve = metrics.get("eval_curve") or []
+        if not curve or curve[0]["step"] != 0:  # every run evaluates at step 0: a curve without it lacks its start
+            curve = _logged_curve(Path(run.run))
         rows += [{"run": run.run, "step": point["step"], "value": point.get(run.metric)} for point in curve]
     points = pd.DataFrame(rows, columns=["run", "step", "value"]).astype({"step": "Int64"})
     shown = table[[*settings, "metric", "status"]]

@@ -58,11 +58,19 @@ def test_one_identity_for_sweeps_checkpoints_and_the_report():
     assert identity.config_key(compose_config(["model=tiny-gpt2", "method=lora", "seed=1"])) != identity.config_key(
         composed
     )
-    # a key added later is left out at the value earlier runs had, and counts at any other
-    other = compose_config(["model=tiny-gpt2", "method=lora", "task.encoding=latin-1"])
-    assert identity.config_key(other) != identity.config_key(composed)
-    assert identity.comparable_config(other)["task.encoding"] == "latin-1"
-    assert "task.encoding" not in identity.comparable_config(composed)
+    # a key added later is left out at the value earlier runs had, and counts at any other (null included)
+    later = {
+        "task.encoding": "latin-1",
+        "task.target_field": "answer",
+        "task.eval_rows": 100,
+        "task.carve_by": "label",
+    }
+    assert set(later) == set(identity.LATER_KEYS)
+    for key, value in later.items():
+        other = compose_config(["model=tiny-gpt2", "method=lora", f"{key}={value}"])
+        assert identity.config_key(other) != identity.config_key(composed), key
+        assert identity.comparable_config(other)[key] == value
+        assert key not in identity.comparable_config(composed)
 
 
 def _module_name(path: Path) -> str:

@@ -34,7 +34,12 @@ NON_RESULT_KEYS = (
 KEY_LENGTH = 10
 # keys added after runs existed, left out while they hold the value every earlier run had, so the
 # config keys of earlier sweeps and the checkpoints of earlier runs stay valid
-LATER_KEYS = {"task.encoding": "utf-8", "task.target_field": None, "task.eval_rows": None, "task.carve_by": None}
+LATER_KEYS = {
+    "task.encoding": "utf-8",
+    "task.target_field": None,
+    "task.eval_rows": None,
+    "task.carve_by": None,
+}
 # a task's hub source, which cannot change a run that reads the task's files (task.hub_dataset, older, is then
 # null as it was in every such run)
 HUB_KEYS = ("task.source", "task.hub_splits", "task.hub_columns")
@@ -66,13 +71,16 @@ def result_config(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
     return tree
 
 
-def _drop(tree: dict[str, Any], dotted: str, only: Any = None) -> None:
+ANY_VALUE = object()
+
+
+def _drop(tree: dict[str, Any], dotted: str, only: Any = ANY_VALUE) -> None:
     """Remove a dotted key from a nested mapping (where it is present; with `only`, where it holds that value)."""
     *parents, leaf = dotted.split(".")
     node = tree
     for parent in parents:
         node = node.get(parent, {}) if isinstance(node, dict) else {}
-    if isinstance(node, dict) and leaf in node and (only is None or node[leaf] == only):
+    if isinstance(node, dict) and leaf in node and (only is ANY_VALUE or node[leaf] == only):
         node.pop(leaf)
 
 

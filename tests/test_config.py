@@ -131,6 +131,7 @@ def test_backbone_is_frozen():
         (["prompt.length=-3"], "prompt.length=-3 is not allowed: a number >= 1"),
         (["trainer.lr=0"], "trainer.lr=0.0 is not allowed: a learning rate > 0"),
         (["trainer.lr=-0.1"], "trainer.lr=-0.1 is not allowed: a learning rate > 0"),
+        (["trainer.head_lr=-0.1"], "trainer.head_lr=-0.1 is not allowed: a learning rate >= 0"),
         (["model=tiny-bert", "prompt.length=200"], "must be at most 256, the model's maximum positions"),
         (["model=tiny-gpt2", "prompt.length=191"], "prompt.length + task.max_length + answer tokens"),
         (["trainer.foo=1"], "trainer.foo is not a config key: trainer has: optimizer, lr,"),

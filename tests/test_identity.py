@@ -64,6 +64,7 @@ def test_one_identity_for_sweeps_checkpoints_and_the_report():
         "task.target_field": "answer",
         "task.eval_rows": 100,
         "task.carve_by": "label",
+        "trainer.head_lr": 0.001,
     }
     assert set(later) == set(identity.LATER_KEYS)
     for key, value in later.items():

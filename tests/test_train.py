@@ -110,6 +110,32 @@ def test_learning_moves_the_prompt_only(train_run):
     assert set(saved) == {"prompt_embeddings"}
 
 
+@pytest.mark.parametrize("head_lr", ["0", "null"])
+def test_head_trains_at_its_own_learning_rate(head_lr):
+    """trainer.head_lr sets the encoder head's rate apart from the prompt's: at 0 an update moves the prompt and
+    leaves the head as it was; unset, both move. It is part of the run's identity only when set."""
+    from softprompt.identity import config_key
+    from softprompt.train import make_optimizer, parameter_groups
+
+    composed = compose_config(quick_overrides("tiny-bert", **{"trainer.lr": "0.5", "trainer.head_lr": head_lr}))
+    cfg = validate(composed)
+    pipeline = build_pipeline(cfg)
+    peft_model = attach_prompt(pipeline.backbone, cfg.prompt, pipeline.label_token_ids, head=True, seed=0)
+    model = PromptedModel(peft_model, pipeline.backbone.kind, pipeline.scorer)
+    optimizer = make_optimizer(cfg.trainer, parameter_groups(cfg.trainer, peft_model))
+    trainable = {name: parameter for name, parameter in peft_model.named_parameters() if parameter.requires_grad}
+    before = {name: parameter.detach().clone() for name, parameter in trainable.items()}
+    model(next(iter(make_loader(pipeline, "train", training=True)))).loss.backward()
+    optimizer.step()
+    moved = {name for name, parameter in trainable.items() if not torch.equal(parameter, before[name])}
+    head = {name for name in trainable if "classifier" in name}
+    assert head and "prompt_encoder.default.embedding.weight" in moved
+    assert bool(moved & head) == (head_lr == "null")
+    assert (
+        config_key(composed) == config_key(compose_config(quick_overrides("tiny-bert", **{"trainer.lr": "0.5"})))
+    ) == (head_lr == "null")
+
+
 @pytest.mark.slow
 def test_embedded_default_learns(tmp_path):
     """softprompt-train with no arguments: minilm-l6 on the generated reviews, >= 0.85 and >= +0.2 over step 0."""

@@ -196,6 +196,9 @@ class TrainerConfig:
     optimizer: str = "adamw"
     lr: float = 0.01
     weight_decay: float = 0.0
+    # learning rate of an encoder's classification head (null: lr); a fresh head at a prompt's rate of 0.03 can
+    # swing or stall a run. Models scored without a head have nothing it applies to
+    head_lr: Optional[float] = None
     scheduler: str = "constant"
     warmup_steps: int = 0
     batch_size: int = 16
@@ -419,6 +422,8 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     _positive("trainer.lr", trainer.lr, "a learning rate > 0")
     if not (trainer.weight_decay >= 0 and math.isfinite(trainer.weight_decay)):
         raise ConfigError("trainer.weight_decay", trainer.weight_decay, "a number >= 0")
+    if trainer.head_lr is not None and not (trainer.head_lr >= 0 and math.isfinite(trainer.head_lr)):
+        raise ConfigError("trainer.head_lr", trainer.head_lr, "a learning rate >= 0 (0 keeps the head as it starts)")
     _one_of("trainer.scheduler", trainer.scheduler, SCHEDULERS)
     _at_least("trainer.warmup_steps", trainer.warmup_steps, 0)
     _at_least("trainer.batch_size", trainer.batch_size, 1)

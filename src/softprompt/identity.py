@@ -39,6 +39,7 @@ LATER_KEYS = {
     "task.target_field": None,
     "task.eval_rows": None,
     "task.carve_by": None,
+    "trainer.head_lr": None,
 }
 # a task's hub source, which cannot change a run that reads the task's files (task.hub_dataset, older, is then
 # null as it was in every such run)

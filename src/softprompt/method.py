@@ -177,6 +177,18 @@ def build_model(
     return model
 
 
+def parameter_part(name: str) -> str:
+    """The part of a method's model a parameter belongs to: prompt (or prefix with its encoder), adapter, head or
+    backbone; what is counted apart is also what may train at its own learning rate."""
+    if "prompt_encoder" in name:
+        return "prompt"
+    if "lora_" in name:
+        return "adapter"
+    if "modules_to_save" in name or _is_head(name.removeprefix("base_model.model.")):
+        return "head"
+    return "backbone"
+
+
 def parameter_counts(model: nn.Module, method: str, backbone_params: int) -> dict:
     """Trainable parameters by part (prompt or prefix with its encoder, LoRA adapter, backbone weights,
     head), their total, and the total as a fraction of the backbone's parameters.
@@ -185,17 +197,8 @@ def parameter_counts(model: nn.Module, method: str, backbone_params: int) -> dic
     """
     parts = {"prompt": 0, "adapter": 0, "backbone": 0, "head": 0}
     for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        if "prompt_encoder" in name:
-            part = "prompt"
-        elif "lora_" in name:
-            part = "adapter"
-        elif "modules_to_save" in name or _is_head(name.removeprefix("base_model.model.")):
-            part = "head"
-        else:
-            part = "backbone"
-        parts[part] += parameter.numel()
+        if parameter.requires_grad:
+            parts[parameter_part(name)] += parameter.numel()
     if parts["backbone"] and not method_spec(method).trains_backbone:
         wrong = [
             n

@@ -47,7 +47,14 @@ from softprompt.errors import (
     folder_problem,
     read_record,
 )
-from softprompt.method import RENDERED_PROMPTS, build_model, parameter_counts, trains, write_rendered_prompts
+from softprompt.method import (
+    RENDERED_PROMPTS,
+    build_model,
+    parameter_counts,
+    parameter_part,
+    trains,
+    write_rendered_prompts,
+)
 from softprompt.pipeline import (
     Decoding,
     Pipeline,
@@ -64,7 +71,18 @@ from softprompt.task import eval_subset
 log = logging.getLogger("softprompt")
 
 
-def make_optimizer(cfg: TrainerConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def parameter_groups(cfg: TrainerConfig, model: torch.nn.Module) -> list[dict]:
+    """The trainable parameters as optimiser groups: one, or the classification head apart at trainer.head_lr
+    (a single group otherwise, so checkpoints of runs without head_lr stay loadable)."""
+    trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    head = [parameter for name, parameter in trainable if parameter_part(name) == "head"]
+    if cfg.head_lr is None or not head:
+        return [{"params": [parameter for _, parameter in trainable]}]
+    rest = [parameter for name, parameter in trainable if parameter_part(name) != "head"]
+    return [{"params": rest}, {"params": head, "lr": cfg.head_lr}]
+
+
+def make_optimizer(cfg: TrainerConfig, params: list[dict]) -> torch.optim.Optimizer:
     if cfg.optimizer == "adafactor":
         # the paper's setting: a fixed learning rate, no relative steps or parameter scaling
         return Adafactor(
@@ -334,7 +352,7 @@ def setup(cfg: TrainConfig, record: records.RunRecord) -> Run:
     if len(subset) < size:
         full_loader, eval_loader = eval_loader, make_loader(pipeline, "validation", training=False, indices=subset)
         full_loader = accelerator.prepare(full_loader)
-    optimizer = make_optimizer(cfg.trainer, [p for p in model.parameters() if p.requires_grad])
+    optimizer = make_optimizer(cfg.trainer, parameter_groups(cfg.trainer, model.peft_model))
     scheduler = make_scheduler(cfg.trainer, optimizer)
     model, optimizer, train_loader, eval_loader, scheduler = _prepare(
         accelerator, sharded, model, optimizer, train_loader, eval_loader, scheduler

@@ -7,6 +7,7 @@ import statistics
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from helpers import make_run, run_cli
 from softprompt.report import write_report
@@ -239,3 +240,22 @@ def test_dev_curves_from_metrics_and_from_older_runs_logs(tmp_path):
 def test_no_curve_figure_without_two_evaluations(sweep):
     written = write_report([sweep], sweep)
     assert len(pd.read_csv(written["curves"])) == 0 and not (sweep / "dev_curves.png").exists()
+
+
+def test_a_key_older_runs_lack_is_a_setting_of_its_own(tmp_path):
+    """Runs made before a config key existed are a setting of their own beside the runs that set it: a line
+    each in the figures and the dev curves, never averaged together."""
+    runs = {}
+    for name, extra, late in (("newer", ["trainer.head_lr=0.001"], 0.9), ("older", [], 0.8)):
+        record = completed("minilm-l6", 22_713_216, 5, 0, late)
+        record["eval_curve"] = [{"step": 0, "accuracy": 0.5}, {"step": 150, "accuracy": late}]
+        runs[name] = make_run(tmp_path, name, ["model=minilm-l6", "prompt.length=5", *extra], record)
+    config_path = runs["older"] / ".hydra" / "config.yaml"
+    config = OmegaConf.load(config_path)
+    del config.trainer["head_lr"]
+    OmegaConf.save(config, config_path)
+    written = write_report([tmp_path], tmp_path)
+    assert sorted(pd.read_csv(written["summary"])["mean"]) == [0.8, 0.9]
+    for figure in ("by_prompt_length.svg", "dev_curves.svg"):
+        text = (tmp_path / figure).read_text()
+        assert "trainer.head_lr 0.001" in text and "trainer.head_lr unset" in text, figure

@@ -259,8 +259,13 @@ def _millions(count: float) -> str:
     return f"{count / 1e6:,.1f}M"
 
 
+def _setting(value) -> str:
+    """A setting's value as a label shows it: a config key that runs made before it existed lack is unset."""
+    return "unset" if _missing(value) or str(value) in ("nan", "None", "<NA>") else str(value)
+
+
 def _line_label(row: pd.Series, keys: list[str]) -> str:
-    return ", ".join(f"{AXES.get(key, key)} {row[key]}" for key in keys)
+    return ", ".join(f"{AXES.get(key, key)} {_setting(row[key])}" for key in keys)
 
 
 def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None, stem: Path) -> list[Path]:
@@ -274,12 +279,15 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
         # across model sizes when there are several (Lester Fig. 3); otherwise along the axis itself
         x_key, line_keys = ("parameters", [axis]) if by_size else (axis, ["model"])
         others = ["method", "init" if axis == "prompt_length" else "prompt_length", *varying_keys(summary)]
-        line_keys += [key for key in others if rows[key].nunique() > 1]
+        line_keys += [key for key in others if rows[key].nunique(dropna=False) > 1]
         categorical = x_key == "init"
         positions = {value: index for index, value in enumerate(sorted(rows[x_key].unique(), key=_init_order))}
         annotate = len(rows) <= 16
         # stable: lines apart only in other keys keep groupby's order
-        lines = sorted(rows.groupby(line_keys, sort=True), key=lambda group: [_init_order(key)[0] for key in group[0]])
+        lines = sorted(
+            rows.groupby(line_keys, sort=True, dropna=False),
+            key=lambda group: [_init_order(key)[0] for key in group[0]],
+        )
         for number, (_, line) in enumerate(lines):
             line = line.sort_values(x_key, key=lambda column: column.map(positions) if categorical else column)
             xs = [positions[value] for value in line[x_key]] if categorical else line[x_key].astype(float)
@@ -337,7 +345,7 @@ def draw_curves(curves: pd.DataFrame, stem: Path) -> list[Path]:
     )
     for panel, (task, metric, parameters, model) in zip(panels[0], panels_of):
         rows = data[(data["task"] == task) & (data["model"] == model)]
-        keys = [key for key in setting_keys if rows[key].astype(str).nunique() > 1]
+        keys = [key for key in setting_keys if rows[key].nunique(dropna=False) > 1]
         groups = rows.groupby(keys, sort=True, dropna=False) if keys else [((), rows)]
         for number, (_, line) in enumerate(sorted(groups, key=lambda group: [_init_order(k)[0] for k in group[0]])):
             by_step = line.groupby("step")["value"]
@@ -380,9 +388,9 @@ def _method_label(row: pd.Series, keys: list[str]) -> str:
     label = _label(row["method"])
     details = []
     for key in keys:
-        value = row[key]
-        if _missing(value) or str(value) in ("nan", "None", "<NA>"):
-            continue
+        value = _setting(row[key])
+        if value == "unset" and (key in AXES or key.startswith("method.")):
+            continue  # a length, initialisation or knob this method does not have
         if key == "method.num_demonstrations":
             details.append(f"k={value}")
         elif key == "prompt_length":
@@ -397,7 +405,7 @@ def method_lines(rows: pd.DataFrame, summary: pd.DataFrame) -> list[tuple[str, p
     lines = []
     for _method, group in rows.groupby("method", sort=False):
         keys = [
-            key for key in ["prompt_length", "init", *varying_keys(summary)] if group[key].astype(str).nunique() > 1
+            key for key in ["prompt_length", "init", *varying_keys(summary)] if group[key].nunique(dropna=False) > 1
         ]
         for _, line in group.groupby(keys, sort=True, dropna=False) if keys else [(None, group)]:
             lines.append((_method_label(line.iloc[0], keys), line))

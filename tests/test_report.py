@@ -259,3 +259,16 @@ def test_a_key_older_runs_lack_is_a_setting_of_its_own(tmp_path):
     for figure in ("by_prompt_length.svg", "dev_curves.svg"):
         text = (tmp_path / figure).read_text()
         assert "trainer.head_lr 0.001" in text and "trainer.head_lr unset" in text, figure
+
+
+def test_dev_curves_of_several_methods_are_named_by_method(tmp_path):
+    """A method without a prompt length (model tuning) beside prompt tuning: a curve each, named by its method
+    alone; the length prompt tuning has and model tuning lacks does not split or name them."""
+    for method, late in (("prompt_tuning", 0.8), ("model_tuning", 0.86)):
+        record = completed("minilm-l6", 22_713_216, 20, 0, late)
+        record["eval_curve"] = [{"step": 0, "accuracy": 0.5}, {"step": 150, "accuracy": late}]
+        make_run(tmp_path, method, ["model=minilm-l6", f"method={method}"], record)
+    write_report([tmp_path], tmp_path)
+    svg = (tmp_path / "dev_curves.svg").read_text()
+    assert "prompt tuning, 1 seed" in svg and "model tuning, 1 seed" in svg
+    assert "length 20" not in svg and "unset" not in svg

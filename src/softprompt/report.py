@@ -264,6 +264,18 @@ def _setting(value) -> str:
     return "unset" if _missing(value) or str(value) in ("nan", "None", "<NA>") else str(value)
 
 
+def _splitting(rows: pd.DataFrame, keys: list[str]) -> list[str]:
+    """The keys that tell lines apart: the method, and any other key that varies within one method's runs (a
+    runs' missing value included: runs older than a key are a setting of their own); a key a method does not
+    have, as model tuning's prompt length, does not split it from the others."""
+    per_method = rows.groupby("method", dropna=False)
+    return [
+        key
+        for key in keys
+        if (rows[key].nunique() if key == "method" else per_method[key].nunique(dropna=False).max()) > 1
+    ]
+
+
 def _line_label(row: pd.Series, keys: list[str]) -> str:
     return ", ".join(f"{AXES.get(key, key)} {_setting(row[key])}" for key in keys)
 
@@ -279,7 +291,7 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
         # across model sizes when there are several (Lester Fig. 3); otherwise along the axis itself
         x_key, line_keys = ("parameters", [axis]) if by_size else (axis, ["model"])
         others = ["method", "init" if axis == "prompt_length" else "prompt_length", *varying_keys(summary)]
-        line_keys += [key for key in others if rows[key].nunique(dropna=False) > 1]
+        line_keys += _splitting(rows, others)
         categorical = x_key == "init"
         positions = {value: index for index, value in enumerate(sorted(rows[x_key].unique(), key=_init_order))}
         annotate = len(rows) <= 16
@@ -345,7 +357,7 @@ def draw_curves(curves: pd.DataFrame, stem: Path) -> list[Path]:
     )
     for panel, (task, metric, parameters, model) in zip(panels[0], panels_of):
         rows = data[(data["task"] == task) & (data["model"] == model)]
-        keys = [key for key in setting_keys if rows[key].nunique(dropna=False) > 1]
+        keys = _splitting(rows, setting_keys)
         groups = rows.groupby(keys, sort=True, dropna=False) if keys else [((), rows)]
         for number, (_, line) in enumerate(sorted(groups, key=lambda group: [_init_order(k)[0] for k in group[0]])):
             by_step = line.groupby("step")["value"]
@@ -370,7 +382,7 @@ def draw_curves(curves: pd.DataFrame, stem: Path) -> list[Path]:
 def _init_order(value) -> tuple[int, str]:
     """Initialisations in the order of Lester et al.'s Fig. 3(b), from least to most informed (config.INITS);
     any other value after them, by its name."""
-    return (INITS.index(value), "") if value in INITS else (len(INITS), str(value))
+    return (INITS.index(value), "") if not _missing(value) and value in INITS else (len(INITS), str(value))
 
 
 def _dodged(xs, number: int, count: int, log: bool) -> list[float]:

@@ -272,3 +272,18 @@ def test_dev_curves_of_several_methods_are_named_by_method(tmp_path):
     svg = (tmp_path / "dev_curves.svg").read_text()
     assert "prompt tuning, 1 seed" in svg and "model tuning, 1 seed" in svg
     assert "length 20" not in svg and "unset" not in svg
+
+
+def test_close_model_sizes_have_their_tick_labels_apart(tmp_path, monkeypatch):
+    """mpnet-base (109.5M) and smollm2-135m (134.5M) sit close on a log axis: the second label goes lower."""
+    for model, params in (("minilm-l6", 22_713_216), ("mpnet-base", 109_486_464), ("smollm2-135m", 134_515_008)):
+        make_run(tmp_path, model, [f"model={model}"], completed(model, params, 20, 0, 0.8))
+    figures = []
+    monkeypatch.setattr(importlib.import_module("matplotlib.pyplot"), "close", figures.append)
+    write_report([tmp_path], tmp_path)
+    (panel,) = [panel for panel in figures[-1].axes if panel.has_data()]
+    assert [label.get_text() for label in panel.get_xticklabels()] == [
+        "22.7M\nminilm-l6",
+        "109.5M\nmpnet-base",
+        "\n\n134.5M\nsmollm2-135m",
+    ]

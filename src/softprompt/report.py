@@ -323,13 +323,11 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
             # log x, ticked at the measured points: model sizes (with names) or prompt lengths
             panel.set_xscale("log")
             panel.minorticks_off()
-            ticks = rows.drop_duplicates(x_key).sort_values(x_key)
-            labels = (
-                [f"{_millions(size)}\n{model}" for size, model in zip(ticks["parameters"], ticks["model"])]
-                if by_size
-                else ticks[x_key]
-            )
-            panel.set_xticks(ticks[x_key].astype(float).tolist(), [str(label) for label in labels])
+            if by_size:
+                _size_ticks(panel, rows)
+            else:
+                lengths = sorted(rows[x_key].unique())
+                panel.set_xticks([float(length) for length in lengths], [str(length) for length in lengths])
         panel.set_xlabel({"parameters": "model parameters", **AXES}[x_key])
         panel.set_ylabel(f"{metric} (mean ± std over seeds)")
         panel.set_title(
@@ -377,6 +375,18 @@ def draw_curves(curves: pd.DataFrame, stem: Path) -> list[Path]:
         panel.grid(True, alpha=0.3)
         panel.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     return save_figure(figure, stem)
+
+
+def _size_ticks(panel: plt.Axes, rows: pd.DataFrame) -> None:
+    """Model sizes ticked with their names on a log axis; a size under 1.5 times the one before it has its label
+    two lines lower, so close sizes (109.5M and 134.5M) stay readable."""
+    ticks = rows.drop_duplicates("parameters").sort_values("parameters")
+    labels, lowered, previous = [], False, None
+    for size, model in zip(ticks["parameters"], ticks["model"]):
+        lowered = previous is not None and size < 1.5 * previous and not lowered
+        labels.append(("\n\n" if lowered else "") + f"{_millions(size)}\n{model}")
+        previous = size
+    panel.set_xticks(ticks["parameters"].astype(float).tolist(), labels)
 
 
 def _init_order(value) -> tuple[int, str]:
@@ -459,11 +469,7 @@ def draw_methods(summary: pd.DataFrame, x_key: str, reference: pd.DataFrame | No
         panel.set_xscale("log")
         if x_key == "parameters":
             panel.minorticks_off()
-            ticks = rows.drop_duplicates("parameters").sort_values("parameters")
-            panel.set_xticks(
-                ticks["parameters"].astype(float).tolist(),
-                [f"{_millions(size)}\n{model}" for size, model in zip(ticks["parameters"], ticks["model"])],
-            )
+            _size_ticks(panel, rows)
             panel.set_xlabel("model parameters")
             panel.set_title(f"{task}: {metric} by model size and method")
         else:

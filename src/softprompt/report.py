@@ -426,9 +426,7 @@ def method_lines(rows: pd.DataFrame, summary: pd.DataFrame) -> list[tuple[str, p
     """One line per method setting: the method, and any key that varies within that method's runs."""
     lines = []
     for _method, group in rows.groupby("method", sort=False):
-        keys = [
-            key for key in ["prompt_length", "init", *varying_keys(summary)] if group[key].nunique(dropna=False) > 1
-        ]
+        keys = _splitting(group, ["prompt_length", "init", *varying_keys(summary)])
         for _, line in group.groupby(keys, sort=True, dropna=False) if keys else [(None, group)]:
             lines.append((_method_label(line.iloc[0], keys), line))
     return sorted(lines, key=lambda item: (_spec(item[1]["method"].iloc[0]).figure_rank, item[0]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import shutil
 import statistics
 
 import pandas as pd
@@ -10,6 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from helpers import make_run, run_cli
+from softprompt import run_dir as records
 from softprompt.report import write_report
 
 # (model, parameters, prompt length, seed) -> accuracy
@@ -287,3 +289,64 @@ def test_close_model_sizes_have_their_tick_labels_apart(tmp_path, monkeypatch):
         "109.5M\nmpnet-base",
         "\n\n134.5M\nsmollm2-135m",
     ]
+
+
+def test_an_earlier_report_stands_in_for_run_directories_that_are_gone(sweep, tmp_path):
+    """A report's results.csv (with its configs.jsonl and curves.csv) gives back the rows of runs whose
+    directories were deleted; a run still on disk takes its row's place, and a new run that differs from an
+    earlier one in a key the earlier report never showed is a setting of its own."""
+    for run in ("mpnet-base_20_0", "minilm-l6_1_0"):
+        record = records.read_json(sweep / run / records.METRICS)
+        records.write_json(
+            sweep / run / records.METRICS,
+            {**record, "eval_curve": [{"step": 0, "accuracy": 0.5}, {"step": 100, "accuracy": 0.6}]},
+        )
+    first = write_report([sweep], tmp_path / "first")
+    for run in ("mpnet-base_20_0", "mpnet-base_1_1", "failed"):
+        shutil.rmtree(sweep / run)
+    resumed = completed("minilm-l6", 22_713_216, 1, 0, 0.99)
+    records.write_json(sweep / "minilm-l6_1_0" / records.METRICS, resumed)
+    newer = make_run(
+        tmp_path / "newer",
+        "head",
+        ["model=mpnet-base", "prompt.length=20", "seed=0", "trainer.head_lr=0.001"],
+        completed("mpnet-base", 109_486_464, 20, 0, 0.5),
+    )
+
+    again = write_report([sweep, first["results"], newer.parent], tmp_path / "again")
+    before, after = (pd.read_csv(written["results"]).set_index("run") for written in (first, again))
+    assert set(after.index) == set(before.index) | {str(newer)}
+    assert after.loc[str(sweep / "minilm-l6_1_0"), "value"] == 0.99, "the run on disk wins over its earlier row"
+    gone = [str(sweep / run) for run in ("mpnet-base_20_0", "mpnet-base_1_1", "failed")]
+    pd.testing.assert_frame_equal(after.loc[gone, before.columns], before.loc[gone])
+    assert after.loc[gone, "trainer.head_lr"].isna().all() and after.loc[str(newer), "trainer.head_lr"] == 0.001
+    summary = pd.read_csv(again["summary"])
+    mpnet = summary[(summary["model"] == "mpnet-base") & (summary["prompt_length"] == 20)].set_index(
+        "trainer.head_lr", drop=False
+    )
+    assert sorted(mpnet["mean"]) == [0.5, pytest.approx(0.92)] and sorted(mpnet["not_completed"]) == [0, 1]
+    curves = pd.read_csv(again["curves"])
+    assert list(curves[curves["run"] == gone[0]]["value"]) == [0.5, 0.6]
+    assert curves[curves["run"] == str(sweep / "minilm-l6_1_0")].empty, "the resumed run's curve is its own"
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda folder: (folder / "notes.txt").write_text("x"), "is not a directory or a report's results.csv"),
+        (lambda folder: (folder / "configs.jsonl").unlink(), "no configs.jsonl beside it"),
+        (
+            lambda folder: (folder / "configs.jsonl").write_text('{"run": "elsewhere", "config": {}}\n'),
+            "has no line in configs.jsonl",
+        ),
+    ],
+)
+def test_an_earlier_report_that_cannot_be_read_is_one_line(sweep, tmp_path, make, message):
+    write_report([sweep], tmp_path / "first")
+    make(tmp_path / "first")
+    given = tmp_path / "first" / ("notes.txt" if "directory" in message else "results.csv")
+    kept = {path.name: path.read_bytes() for path in (tmp_path / "first").iterdir()}
+    result = run_cli("softprompt.report", str(given), "--out", str(tmp_path / "second"))
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert {path.name: path.read_bytes() for path in (tmp_path / "first").iterdir()} == kept
+    assert not (tmp_path / "second").exists()

@@ -26,7 +26,7 @@ from softprompt.distributed import check_launch
 from softprompt.errors import UserError, as_user_error
 from softprompt.predict import example_for, predict_rows
 from softprompt.prompt_bank import PromptBank
-from softprompt.report import read_reference, write_report
+from softprompt.report import default_out, read_reference, write_report
 from softprompt.task import FIELD
 from softprompt.train import check_output_dir, job_record, train
 
@@ -107,16 +107,19 @@ def _logging_kept() -> Iterator[None]:
 
 
 def report(*folders: str | Path, out: str | Path | None = None, reference: str | Path | None = None) -> dict[str, Path]:
-    """softprompt-report: every run under `folders` -> results.csv, summary.csv, curves.csv, report.md and
-    figures in `out` (default: the one folder given). Returns the files written: "results", "summary", "curves",
-    "markdown", then each figure by its file name."""
+    """softprompt-report: every run under `folders` (and the rows of earlier reports' results.csv among them) ->
+    results.csv, summary.csv, curves.csv, configs.jsonl, report.md and figures in `out` (default: the one folder
+    given). Returns the files written: "results", "summary", "curves", "configs", "markdown", then each figure by
+    its file name."""
     if not folders:
         raise UserError("softprompt.report needs a folder: a run directory, or a folder of them")
     if out is None and len(folders) > 1:
         raise UserError("out= is required when more than one folder is given")
     paths = [Path(folder) for folder in folders]
     return write_report(
-        paths, Path(out) if out is not None else paths[0], read_reference(Path(reference)) if reference else None
+        paths,
+        Path(out) if out is not None else default_out(paths[0]),
+        read_reference(Path(reference)) if reference else None,
     )
 
 

@@ -10,11 +10,16 @@ line per method across model sizes (`by_model_size`), and the metric against the
 trainable parameters (`by_trainable_params`). Every setting's dev curve over training, mean over seeds
 (`dev_curves`), shows whether a schedule has flattened. For an Optuna search (softprompt.search), the metric of
 every trial against each searched value (`trials`), the best trial marked and failed trials shown.
+
+A report keeps every run's config (`configs.jsonl`) beside its rows, so an earlier report's `results.csv` can stand in
+for run directories that are gone (a wiped scratch disk, another machine): its runs are rows of the new report with
+their curves, compared on their whole configs like the runs found on disk.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 from pathlib import Path
@@ -39,9 +44,10 @@ from softprompt.search import MULTIRUN, Search, find_search, trial_values  # noq
 RESULTS_CSV = "results.csv"
 SUMMARY_CSV = "summary.csv"
 CURVES_CSV = "curves.csv"
+CONFIGS_JSONL = "configs.jsonl"
 REPORT_MD = "report.md"
 # what write_report returns besides the figures
-TABLES = ("markdown", "results", "summary", "curves")
+TABLES = ("markdown", "results", "summary", "curves", "configs")
 # the columns of the tidy table, in order; config keys that vary across runs are added after `init`
 COLUMNS = [
     "run",
@@ -97,14 +103,69 @@ DODGE = 0.06
 REFERENCE_COLUMNS = ["task", "parameters", "value", "label"]
 
 
+def is_report_table(path: Path) -> bool:
+    """An earlier report's results.csv given in place of run directories."""
+    return path.name == RESULTS_CSV and path.is_file()
+
+
+def default_out(path: Path) -> Path:
+    """Where the report of one folder goes: into it (for an earlier report's results.csv, its folder)."""
+    return path.parent if is_report_table(path) else path
+
+
 def find_runs(paths: list[Path]) -> list[Path]:
     """Every run directory at or under the given paths: a folder Hydra wrote a config into."""
     runs = set()
     for path in paths:
         if not path.is_dir():
-            raise UserError(f"{path} is not a directory: give sweep or run directories")
+            raise UserError(
+                f"{path} is not a directory or a report's {RESULTS_CSV}: give sweep or run directories, or the "
+                f"{RESULTS_CSV} of an earlier report"
+            )
         runs.update(config.parent.parent for config in path.glob("**/.hydra/config.yaml"))
     return sorted(runs)
+
+
+def read_report_table(path: Path) -> tuple[list[tuple[dict, dict]], pd.DataFrame]:
+    """An earlier report's rows with their configs (configs.jsonl), and their dev curves (curves.csv: run, step,
+    value), so runs whose directories are gone are rows again."""
+    configs_path, curves_path = path.with_name(CONFIGS_JSONL), path.with_name(CURVES_CSV)
+    absent = [beside.name for beside in (configs_path, curves_path) if not beside.is_file()]
+    if absent:
+        raise UserError(
+            f"{path}: no {' or '.join(absent)} beside it; an earlier report is read with the {CONFIGS_JSONL} and "
+            f"{CURVES_CSV} written with it (a report from before {CONFIGS_JSONL} is rewritten from its run directories)"
+        )
+    try:
+        table = pd.read_csv(path, dtype={"run": str, "status": str, "reason": str})
+        curves = pd.read_csv(curves_path, dtype={"run": str})
+        configs = {line["run"]: line["config"] for line in map(json.loads, configs_path.read_text().splitlines())}
+    except (OSError, ValueError, KeyError, TypeError, pd.errors.ParserError) as error:
+        raise UserError(f"{path}: its report cannot be read ({type(error).__name__}: {error})") from None
+    missing = [column for column in COLUMNS if column not in table.columns]
+    missing += [f"{CURVES_CSV} {column}" for column in ("run", "step", "value") if column not in curves.columns]
+    unlisted = [] if missing else [run for run in table["run"] if run not in configs]
+    if missing or unlisted:
+        problem = (
+            f"missing column(s) {', '.join(missing)}" if missing else f"{unlisted[0]} has no line in {CONFIGS_JSONL}"
+        )
+        raise UserError(f"{path}: not a report softprompt-report wrote ({problem})")
+    rows = [
+        {column: None if _missing(value) else value for column, value in row.items()}
+        for row in table[COLUMNS].to_dict("records")
+    ]
+    return [(row, configs[row["run"]]) for row in rows], curves[["run", "step", "value"]]
+
+
+def _location(run: str, report: Path) -> Path:
+    """Where a row of the report at `report` was run: its path is written relative to the report's folder when
+    the run lay under it."""
+    under = report.parent / run
+    return (under if under.exists() else Path(run)).resolve()
+
+
+def _relative(run: str, out: Path) -> str:
+    return str(Path(run).relative_to(out)) if Path(run).is_relative_to(out) else run
 
 
 def _read_record(run_path: Path) -> tuple[dict, dict, str | None]:
@@ -175,25 +236,32 @@ def _logged_curve(run_path: Path) -> list[dict]:
     return [points[step] for step in sorted(points)]
 
 
-def curve_table(table: pd.DataFrame) -> pd.DataFrame:
+def curve_table(table: pd.DataFrame, kept: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per evaluation during training of every run in the tidy table: its setting, seed, step and value
-    of the main metric (metrics.json's `eval_curve`, or train.log's for older runs)."""
+    of the main metric (metrics.json's `eval_curve`, or train.log's for older runs; `kept`'s run, step and value
+    for the runs of earlier reports)."""
     settings = [column for column in table.columns[: table.columns.get_loc("seed") + 1] if column != "metric"]
-    rows = []
+    kept = kept if kept is not None else pd.DataFrame(columns=["run", "step", "value"])
+    rows, earlier = [], set(kept["run"])
     for run in table.itertuples(index=False):
+        if run.run in earlier:
+            continue
         _, metrics, _ = _read_record(Path(run.run))
         curve = metrics.get("eval_curve") or []
         if not curve or curve[0]["step"] != 0:  # every run evaluates at step 0: a curve without it lacks its start
             curve = _logged_curve(Path(run.run))
         rows += [{"run": run.run, "step": point["step"], "value": point.get(run.metric)} for point in curve]
-    points = pd.DataFrame(rows, columns=["run", "step", "value"]).astype({"step": "Int64"})
+    points = pd.DataFrame(rows, columns=["run", "step", "value"])
+    points = (pd.concat([points, kept], ignore_index=True) if len(kept) else points).astype(
+        {"step": "Int64", "value": "float64"}
+    )
     shown = table[[*settings, "metric", "status"]]
     return shown.merge(points, on="run", how="inner")[[*settings, "metric", "step", "value", "status"]]
 
 
-def tidy_table(runs: list[Path]) -> pd.DataFrame:
-    """One row per run; config keys that differ between runs of one model and task as extra columns."""
-    loaded = [load_run(run) for run in runs]
+def tidy_table(loaded: list[tuple[dict, dict]]) -> pd.DataFrame:
+    """One row per run (load_run's row and config); config keys that differ between runs of one model and task
+    as extra columns."""
     configs = pd.DataFrame([config for _, config in loaded])
     for key in ("model.name", "task.name"):
         if key not in configs.columns:
@@ -670,30 +738,49 @@ def ensemble_lines(paths: list[Path]) -> list[str]:
 
 
 def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = None) -> dict[str, Path]:
-    """Write results.csv, summary.csv, figures and report.md into `out`; returns what was written."""
-    runs = find_runs(paths)
-    if not runs:
+    """Write results.csv, summary.csv, figures and report.md into `out` from the run directories under `paths`
+    and the rows of earlier reports' results.csv among them (a run found on disk takes the place of its row);
+    returns what was written."""
+    reports = [path for path in paths if is_report_table(path)]
+    folders = [path for path in paths if path not in reports]
+    runs = find_runs(folders)
+    loaded = [load_run(run) for run in runs]
+    found = {run.resolve() for run in runs}
+    kept = []
+    for report in reports:
+        rows, curves = read_report_table(report)
+        fresh = []
+        for row, config in rows:
+            if _location(row["run"], report) not in found:
+                found.add(_location(row["run"], report))
+                fresh.append((row, config))
+        loaded += fresh
+        kept.append(curves[curves["run"].isin([row["run"] for row, _ in fresh])])
+    if not loaded:
         raise UserError(f"no run directories (folders with .hydra/config.yaml) under {', '.join(map(str, paths))}")
     problem = folder_problem(out)
     if problem:
         raise UserError(f"--out {out}: the report needs a folder there ({problem}); give another --out")
     out.mkdir(parents=True, exist_ok=True)
-    table = tidy_table(runs)
-    curves = curve_table(table)
+    table = tidy_table(loaded)
+    curves = curve_table(table, pd.concat(kept, ignore_index=True) if kept else None)
+    configs = {row["run"]: config for row, config in loaded}
     for frame in (table, curves):
-        frame["run"] = [
-            str(Path(run).relative_to(out)) if Path(run).is_relative_to(out) else run for run in frame["run"]
-        ]
+        frame["run"] = [_relative(run, out) for run in frame["run"]]
     summary = summarise(table)
     written = {
         "results": out / RESULTS_CSV,
         "summary": out / SUMMARY_CSV,
         "curves": out / CURVES_CSV,
+        "configs": out / CONFIGS_JSONL,
         "markdown": out / REPORT_MD,
     }
     table.to_csv(written["results"], index=False)
     summary.to_csv(written["summary"], index=False)
     curves.to_csv(written["curves"], index=False)
+    records.write_jsonl(
+        written["configs"], [{"run": _relative(run, out), "config": config} for run, config in configs.items()]
+    )
 
     done = summary[summary["seeds"] > 0]
     # a prompt-length or initialisation figure when one method's runs vary it
@@ -710,7 +797,7 @@ def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = 
     # a curve is two evaluations or more
     if (curves[curves["status"] == "completed"].groupby("run")["step"].nunique() > 1).any():
         figures += draw_curves(curves, out / "dev_curves")
-    searches = find_searches(paths)
+    searches = find_searches(folders)
     search_lines = ["## Optuna search", ""] if searches else []
     for folder, (search, trials) in searches.items():
         if len(trials):
@@ -751,7 +838,7 @@ def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = 
             for row in failed.itertuples()
         ]
         lines.append("")
-    lines += ensemble_lines(paths)
+    lines += ensemble_lines(folders)
     lines += ["## Runs", "", _markdown(table.drop(columns=["reason"])), ""]
     written["markdown"].write_text("\n".join(lines), encoding="utf-8")
     written.update({path.name: path for path in figures})
@@ -761,7 +848,13 @@ def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="softprompt-report", description=__doc__.splitlines()[0])
-    parser.add_argument("dirs", nargs="+", type=Path, help="sweep or run directories (searched recursively)")
+    parser.add_argument(
+        "dirs",
+        nargs="+",
+        type=Path,
+        help=f"sweep or run directories (searched recursively), or earlier reports' {RESULTS_CSV} (their runs are "
+        "rows again, where their directories are not given)",
+    )
     parser.add_argument(
         "--out", type=Path, help="where the report goes (default: the directory, when only one is given)"
     )
@@ -772,7 +865,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out is None and len(args.dirs) > 1:
         raise UserError("--out is required when more than one directory is given")
     reference = read_reference(args.reference) if args.reference else None
-    written = write_report(args.dirs, args.out or args.dirs[0], reference)
+    written = write_report(args.dirs, args.out or default_out(args.dirs[0]), reference)
     for name in TABLES:
         print(f"{name}: {written[name]}")
     print("figures: " + ", ".join(str(path) for key, path in written.items() if key not in TABLES))

@@ -115,6 +115,13 @@ def test_figures_draw_the_means_against_model_size(sweep):
     assert "![by_prompt_length](by_prompt_length.png)" in written["markdown"].read_text()
 
 
+def test_a_figure_redrawn_from_the_same_rows_is_the_same_file(sweep, tmp_path):
+    first, again = (write_report([sweep], tmp_path / name) for name in ("first", "again"))
+    figures = [name for name in first if name.endswith((".png", ".svg"))]
+    assert {"by_prompt_length.png", "by_prompt_length.svg"} <= set(figures)
+    assert all(first[name].read_bytes() == again[name].read_bytes() for name in figures)
+
+
 def test_runs_differing_in_another_key_are_never_averaged(tmp_path):
     for steps, value in ((50, 0.6), (200, 0.9)):
         overrides = ["model=minilm-l6", "prompt.length=5", f"trainer.max_steps={steps}"]

@@ -662,14 +662,16 @@ def draw_trials(trials: pd.DataFrame, search: Search, stem: Path) -> list[Path]:
 
 
 def save_figure(figure: plt.Figure, stem: Path) -> list[Path]:
-    """PNG for reading, SVG for papers: its text stays text, so numbers and labels can be searched and edited."""
+    """PNG for reading, SVG for papers: its text stays text, so numbers and labels can be searched and edited; with
+    no date and fixed ids, a figure redrawn from the same rows is the same file, so a committed one changes only
+    with its data."""
     figure.tight_layout()
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    with plt.rc_context({"svg.fonttype": "none"}):
-        for path in paths:
-            figure.savefig(path, dpi=150)
+    png, svg = stem.with_suffix(".png"), stem.with_suffix(".svg")
+    figure.savefig(png, dpi=150)
+    with plt.rc_context({"svg.fonttype": "none", "svg.hashsalt": "softprompt"}):
+        figure.savefig(svg, dpi=150, metadata={"Date": None})
     plt.close(figure)
-    return paths
+    return [png, svg]
 
 
 def read_reference(path: Path) -> pd.DataFrame:

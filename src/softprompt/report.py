@@ -753,8 +753,9 @@ def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = 
         rows, curves = read_report_table(report)
         fresh = []
         for row, config in rows:
-            if _location(row["run"], report) not in found:
-                found.add(_location(row["run"], report))
+            where = _location(row["run"], report)
+            if where not in found:
+                found.add(where)
                 fresh.append((row, config))
         loaded += fresh
         kept.append(curves[curves["run"].isin([row["run"] for row, _ in fresh])])

@@ -328,9 +328,7 @@ def test_an_earlier_report_stands_in_for_run_directories_that_are_gone(sweep, tm
     pd.testing.assert_frame_equal(after.loc[gone, before.columns], before.loc[gone])
     assert after.loc[gone, "trainer.head_lr"].isna().all() and after.loc[str(newer), "trainer.head_lr"] == 0.001
     summary = pd.read_csv(again["summary"])
-    mpnet = summary[(summary["model"] == "mpnet-base") & (summary["prompt_length"] == 20)].set_index(
-        "trainer.head_lr", drop=False
-    )
+    mpnet = summary[(summary["model"] == "mpnet-base") & (summary["prompt_length"] == 20)]
     assert sorted(mpnet["mean"]) == [0.5, pytest.approx(0.92)] and sorted(mpnet["not_completed"]) == [0, 1]
     curves = pd.read_csv(again["curves"])
     assert list(curves[curves["run"] == gone[0]]["value"]) == [0.5, 0.6]

@@ -859,7 +859,9 @@ def main(argv: list[str] | None = None) -> None:
         "rows again, where their directories are not given)",
     )
     parser.add_argument(
-        "--out", type=Path, help="where the report goes (default: the directory, when only one is given)"
+        "--out",
+        type=Path,
+        help=f"where the report goes (default: the directory, or the folder of the {RESULTS_CSV}, when only one is given)",
     )
     parser.add_argument(
         "--reference", type=Path, help="CSV of reference points to overlay: " + ", ".join(REFERENCE_COLUMNS)

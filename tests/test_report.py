@@ -134,7 +134,7 @@ def test_runs_differing_in_another_key_are_never_averaged(tmp_path):
 
 def test_legends_sit_beside_the_data_and_equal_values_stay_visible(tmp_path, monkeypatch):
     """Two tasks, two prompt lengths with equal accuracies on each model: every point is drawn at its own
-    place, and no legend covers a panel."""
+    place with its value label covering no other, and no legend covers a panel."""
     for task in ("rte", "cb"):
         for (model, params, length, seed), _ in ACCURACY.items():
             record = {**completed(model, params, length, seed, 0.75), "task": task}
@@ -156,6 +156,9 @@ def test_legends_sit_beside_the_data_and_equal_values_stay_visible(tmp_path, mon
                 assert not legend.overlaps(other.get_window_extent(renderer))
             points = [(x, y) for container in panel.containers for x, y in zip(*container.lines[0].get_data())]
             assert len(points) == 4 and len(set(points)) == len(points), points
+            labels = [text.get_window_extent(renderer) for text in panel.texts]
+            assert [text.get_text() for text in panel.texts] == ["0.750"] * 4
+            assert not any(box.overlaps(other) for number, box in enumerate(labels) for other in labels[number + 1 :])
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib import ticker  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
@@ -99,6 +100,8 @@ AXES = {"prompt_length": "prompt length", "init": "initialisation"}
 MARKERS = "osD^vPX*"
 # sideways step between lines (a fraction of a category, or of e on a log axis): equal values stay visible
 DODGE = 0.06
+# where a point's value label may go, in points from it, in order of preference: right above, right below, left
+VALUE_LABEL_OFFSETS = ((6, 4), (6, -11), (-6, 4), (-6, -11))
 # columns of a user's reference points file (--reference)
 REFERENCE_COLUMNS = ["task", "parameters", "value", "label"]
 
@@ -353,6 +356,7 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
     data = summary[summary["seeds"] > 0]
     tasks = list(dict.fromkeys(zip(data["task"], data["metric"])))
     figure, panels = plt.subplots(1, len(tasks), figsize=(9.6 * len(tasks), 4.6), squeeze=False)
+    labels = []
     for panel, (task, metric) in zip(panels[0], tasks):
         rows = data[(data["task"] == task) & (data["metric"] == metric)]
         by_size = rows["parameters"].nunique() > 1
@@ -362,7 +366,8 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
         line_keys += _splitting(rows, others)
         categorical = x_key == "init"
         positions = {value: index for index, value in enumerate(sorted(rows[x_key].unique(), key=_init_order))}
-        annotate = len(rows) <= 16
+        annotate, values = len(rows) <= 16, []
+        labels.append((panel, values))
         # stable: lines apart only in other keys keep groupby's order
         lines = sorted(
             rows.groupby(line_keys, sort=True, dropna=False),
@@ -381,8 +386,7 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
                 label=_line_label(line.iloc[0], line_keys),
             )
             if annotate:
-                for x, y in zip(xs, line["mean"]):
-                    panel.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+                values += zip(xs, line["mean"], line["std"].fillna(0))
         if reference is not None and by_size:
             draw_reference(panel, reference, task, "--")
         if categorical:
@@ -404,6 +408,10 @@ def draw_figure(summary: pd.DataFrame, axis: str, reference: pd.DataFrame | None
         )
         panel.grid(True, which="both", alpha=0.3)
         _legend_beside(panel)
+    # labels go where they cover no other, which is known only once the panels are laid out
+    figure.tight_layout()
+    for panel, values in labels:
+        _value_labels(panel, values)
     return save_figure(figure, stem)
 
 
@@ -443,6 +451,44 @@ def draw_curves(curves: pd.DataFrame, stem: Path) -> list[Path]:
         panel.grid(True, alpha=0.3)
         panel.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     return save_figure(figure, stem)
+
+
+def _value_labels(panel: plt.Axes, points: list[tuple[float, float, float]]) -> None:
+    """Each point's value beside it, on the first side inside the panel where it covers no other label, marker or
+    error bar: lines dodged apart at one model size often have near-equal values. Labels stay out of the layout, so
+    saving does not move them."""
+    renderer = panel.figure.canvas.get_renderer()
+    reach = renderer.points_to_pixels(4)
+    taken = []
+    for x, y, std in points:
+        (left, bottom), (right, top) = panel.transData.transform([(x, y - std), (x, y + std)])
+        taken.append(Bbox.from_extents(left - reach, bottom - reach, right + reach, top + reach))
+    for x, y, _ in points:
+        candidates = []
+        for dx, dy in VALUE_LABEL_OFFSETS:
+            label = panel.annotate(
+                f"{y:.3f}",
+                (x, y),
+                textcoords="offset points",
+                xytext=(dx, dy),
+                ha="left" if dx > 0 else "right",
+                fontsize=8,
+                annotation_clip=False,
+            )
+            label.set_in_layout(False)
+            candidates.append((label, label.get_window_extent(renderer)))
+        free = [
+            (label, box)
+            for label, box in candidates
+            if panel.bbox.contains(box.x0, box.y0)
+            and panel.bbox.contains(box.x1, box.y1)
+            and not any(box.overlaps(other) for other in taken)
+        ]
+        label, box = (free or candidates)[0]
+        for other, _ in candidates:
+            if other is not label:
+                other.remove()
+        taken.append(box)
 
 
 def _size_ticks(panel: plt.Axes, rows: pd.DataFrame) -> None:

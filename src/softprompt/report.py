@@ -464,30 +464,23 @@ def _value_labels(panel: plt.Axes, points: list[tuple[float, float, float]]) -> 
         (left, bottom), (right, top) = panel.transData.transform([(x, y - std), (x, y + std)])
         taken.append(Bbox.from_extents(left - reach, bottom - reach, right + reach, top + reach))
     for x, y, _ in points:
-        candidates = []
-        for dx, dy in VALUE_LABEL_OFFSETS:
-            label = panel.annotate(
-                f"{y:.3f}",
-                (x, y),
-                textcoords="offset points",
-                xytext=(dx, dy),
-                ha="left" if dx > 0 else "right",
-                fontsize=8,
-                annotation_clip=False,
-            )
-            label.set_in_layout(False)
-            candidates.append((label, label.get_window_extent(renderer)))
-        free = [
-            (label, box)
-            for label, box in candidates
-            if panel.bbox.contains(box.x0, box.y0)
-            and panel.bbox.contains(box.x1, box.y1)
-            and not any(box.overlaps(other) for other in taken)
-        ]
-        label, box = (free or candidates)[0]
-        for other, _ in candidates:
-            if other is not label:
-                other.remove()
+        label = panel.annotate(
+            f"{y:.3f}",
+            (x, y),
+            xytext=VALUE_LABEL_OFFSETS[0],
+            textcoords="offset points",
+            fontsize=8,
+            annotation_clip=False,
+        )
+        label.set_in_layout(False)
+        # the first side again last: where every side is taken, the preferred one
+        for dx, dy in (*VALUE_LABEL_OFFSETS, VALUE_LABEL_OFFSETS[0]):
+            label.xyann = (dx, dy)
+            label.set_horizontalalignment("left" if dx > 0 else "right")
+            box = label.get_window_extent(renderer)
+            inside = panel.bbox.contains(box.x0, box.y0) and panel.bbox.contains(box.x1, box.y1)
+            if inside and not any(box.overlaps(other) for other in taken):
+                break
         taken.append(box)
 
 

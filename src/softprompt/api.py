@@ -26,7 +26,7 @@ from softprompt.distributed import check_launch
 from softprompt.errors import UserError, as_user_error
 from softprompt.predict import example_for, predict_rows
 from softprompt.prompt_bank import PromptBank
-from softprompt.report import default_out, read_reference, write_report
+from softprompt.report import read_reference, report_destination, write_report
 from softprompt.task import FIELD
 from softprompt.train import check_output_dir, job_record, train
 
@@ -113,12 +113,10 @@ def report(*folders: str | Path, out: str | Path | None = None, reference: str |
     its file name."""
     if not folders:
         raise UserError("softprompt.report needs a folder: a run directory, or a folder of them")
-    if out is None and len(folders) > 1:
-        raise UserError("out= is required when more than one folder is given")
     paths = [Path(folder) for folder in folders]
     return write_report(
         paths,
-        Path(out) if out is not None else default_out(paths[0]),
+        report_destination(paths, Path(out) if out is not None else None, "out="),
         read_reference(Path(reference)) if reference else None,
     )
 

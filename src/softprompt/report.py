@@ -111,9 +111,14 @@ def is_report_table(path: Path) -> bool:
     return path.name == RESULTS_CSV and path.is_file()
 
 
-def default_out(path: Path) -> Path:
-    """Where the report of one folder goes: into it (for an earlier report's results.csv, its folder)."""
-    return path.parent if is_report_table(path) else path
+def report_destination(paths: list[Path], out: Path | None, option: str) -> Path:
+    """Where the report goes: `out`, or else into the one folder given (for an earlier report's results.csv, its
+    folder). Several folders have no natural home, so they need `option` named."""
+    if out is not None:
+        return out
+    if len(paths) > 1:
+        raise UserError(f"{option} is required when more than one directory is given")
+    return paths[0].parent if is_report_table(paths[0]) else paths[0]
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -906,10 +911,8 @@ def main(argv: list[str] | None = None) -> None:
         "--reference", type=Path, help="CSV of reference points to overlay: " + ", ".join(REFERENCE_COLUMNS)
     )
     args = parser.parse_args(argv)
-    if args.out is None and len(args.dirs) > 1:
-        raise UserError("--out is required when more than one directory is given")
     reference = read_reference(args.reference) if args.reference else None
-    written = write_report(args.dirs, args.out or default_out(args.dirs[0]), reference)
+    written = write_report(args.dirs, report_destination(args.dirs, args.out, "--out"), reference)
     for name in TABLES:
         print(f"{name}: {written[name]}")
     print("figures: " + ", ".join(str(path) for key, path in written.items() if key not in TABLES))

@@ -196,7 +196,7 @@ def _read_record(run_path: Path) -> tuple[dict, dict, str | None]:
     return config, metrics, "; ".join(damage) or None
 
 
-def load_run(run_path: Path) -> tuple[dict, dict]:
+def run_row(run_path: Path) -> tuple[dict, dict]:
     """One run's table row and its flattened config; a run whose records are damaged is a row that says so."""
     config, metrics, damage = _read_record(run_path)
     metric = metrics.get("main_metric", config.get("task.main_metric"))
@@ -268,7 +268,7 @@ def curve_table(table: pd.DataFrame, kept: pd.DataFrame | None = None) -> pd.Dat
 
 
 def tidy_table(loaded: list[tuple[dict, dict]]) -> pd.DataFrame:
-    """One row per run (load_run's row and config); config keys that differ between runs of one model and task
+    """One row per run (run_row's row and config); config keys that differ between runs of one model and task
     as extra columns."""
     configs = pd.DataFrame([config for _, config in loaded])
     for key in ("model.name", "task.name"):
@@ -617,7 +617,7 @@ def trial_table(folder: Path, search: Search) -> pd.DataFrame:
     for run in find_runs([folder]):
         values = trial_values(run, keys)
         if values is not None:
-            row, _ = load_run(run)
+            row, _ = run_row(run)
             rows.append(
                 {**values, **{column: row[column] for column in ("task", "model", "metric", "value", "status")}}
             )
@@ -790,7 +790,7 @@ def write_report(paths: list[Path], out: Path, reference: pd.DataFrame | None = 
     reports = [path for path in paths if is_report_table(path)]
     folders = [path for path in paths if path not in reports]
     runs = find_runs(folders)
-    loaded = [load_run(run) for run in runs]
+    loaded = [run_row(run) for run in runs]
     found = {run.resolve() for run in runs}
     kept = []
     for report in reports:

@@ -122,6 +122,7 @@ def test_backbone_is_frozen():
     [
         (["model=nope"], "model='nope' is not allowed: one of: "),
         (["task=nope"], "task='nope' is not allowed: one of: "),
+        (["experiment=fig3"], "experiment='fig3' is not allowed: one of: e2e, fig1_sst2, fig3a_rte, "),
         (
             ["prompt.init=zeros"],
             "prompt.init='zeros' is not allowed: one of: random_uniform, sampled_vocab, class_labels, text, from_file",
